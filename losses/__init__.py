@@ -1,0 +1,40 @@
+"""prefopt's loss zoo: every preference-optimization method as a pure function of log-probs, in one registry.
+
+    import losses
+    losses.available()                    # sorted registered names
+    fn = losses.get("dpo", beta=0.1)      # validated hyper-parameters; fn.requirements says what the batch needs
+    out = fn(policy_chosen_logps=..., policy_rejected_logps=..., ref_chosen_logps=..., ref_rejected_logps=...)
+    out.loss, out.per_example, out.metrics
+
+Depends on torch only. Third-party packages register more losses through the ``prefopt.losses`` entry-point group.
+"""
+
+from losses import alarm
+from losses._common import (
+    HyperParameterError,
+    LossError,
+    LossOutput,
+    MissingInputError,
+    NonFiniteError,
+    UnknownLossError,
+)
+from losses.alarm import AlarmReward, alarm_reward, disagreement_rates, select_aspects, shaped_aspects
+from losses.aot import aot_loss, aot_unpaired_loss
+from losses.combo import combo_loss
+from losses.dpo import cdpo_loss, discopop_loss, dpo_loss, hinge_loss, robust_loss, sigmoid_norm_loss
+from losses.ipo import ipo_loss, sppo_hard_loss
+from losses.mpo import mpo_loss
+from losses.pairwise import apo_down_loss, apo_zero_loss, bco_pair_loss, exo_pair_loss, nca_pair_loss
+from losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
+from losses.registry import BoundLoss, LossSpec, Requirements, available, get, register, set_finite_checks, spec
+from losses.upo import upo_loss
+
+__all__ = [
+    "available", "get", "spec", "register", "set_finite_checks", "BoundLoss", "LossSpec", "Requirements",
+    "LossOutput", "LossError", "UnknownLossError", "HyperParameterError", "MissingInputError", "NonFiniteError",
+    "dpo_loss", "cdpo_loss", "robust_loss", "hinge_loss", "sigmoid_norm_loss", "discopop_loss",
+    "ipo_loss", "sppo_hard_loss", "exo_pair_loss", "nca_pair_loss", "bco_pair_loss", "apo_zero_loss",
+    "apo_down_loss", "aot_loss", "aot_unpaired_loss", "simpo_loss", "cpo_loss", "orpo_loss", "sft_loss",
+    "mpo_loss", "upo_loss", "combo_loss",
+    "alarm", "AlarmReward", "alarm_reward", "shaped_aspects", "disagreement_rates", "select_aspects",
+]

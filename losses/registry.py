@@ -1,0 +1,356 @@
+"""The loss registry: names -> LossSpec, a decorator to register, and bound losses with validated hyper-parameters.
+
+A loss function's signature *is* its declaration:
+
+* positional-or-keyword parameters are tensor inputs; those without a default are required. The standard ones are
+  ``policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+  rejected_lengths``; any other name is a method-specific extra (``reg_logps``, ``aux_rewards_chosen`` ...);
+* keyword-only parameters (after ``*``) are hyper-parameters with their defaults.
+
+So a trainer reads ``needs_reference``, ``extras`` and ``kind`` from ``losses.get(name).requirements`` and builds its
+batch (and skips the reference model) from that alone. Composite losses (``upo``, ``combo``) take ``**inputs`` and
+give a ``requires`` hook that derives their needs from their hyper-parameters (e.g. ``upo`` over ``simpo`` needs no
+reference).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from losses._common import HyperParameterError, LossOutput, MissingInputError, NonFiniteError, UnknownLossError
+
+__all__ = [
+    "STANDARD_INPUTS",
+    "REFERENCE_INPUTS",
+    "Requirements",
+    "LossSpec",
+    "BoundLoss",
+    "register",
+    "available",
+    "get",
+    "spec",
+    "set_finite_checks",
+    "positive",
+    "non_negative",
+    "in_range",
+    "one_of",
+    "lengths_if",
+]
+
+REFERENCE_INPUTS = ("ref_chosen_logps", "ref_rejected_logps")
+LENGTH_INPUTS = ("chosen_lengths", "rejected_lengths")
+STANDARD_INPUTS = ("policy_chosen_logps", "policy_rejected_logps", *REFERENCE_INPUTS, *LENGTH_INPUTS)
+KINDS = ("pair", "group")
+ENTRY_POINT_GROUP = "prefopt.losses"
+
+_REGISTRY: dict[str, LossSpec] = {}
+_PLUGINS_LOADED = False
+_CHECK_FINITE = True
+
+Check = Callable[[str, Any], None]
+
+
+# ----------------------------------------------------------------------------------------------- hyper-parameter checks
+def positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        raise HyperParameterError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def non_negative(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or not math.isfinite(value):
+        raise HyperParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
+    """A check for ``low <(=) value <(=) high``; the message writes the interval."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def check(name: str, value: Any) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            raise HyperParameterError(f"{name} must lie in {interval}, got {value!r}")
+
+    return check
+
+
+def one_of(*choices: Any) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise HyperParameterError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+    return check
+
+
+# --------------------------------------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class Requirements:
+    """What a configured loss needs from the batch."""
+
+    inputs: tuple[str, ...]  # every required tensor input, standard and extra
+    optional_inputs: tuple[str, ...]  # used when given
+    kind: str  # "pair" (chosen vs rejected) or "group" (k samples per prompt)
+
+    @property
+    def needs_reference(self) -> bool:  # ref_chosen_logps / ref_rejected_logps
+        return set(REFERENCE_INPUTS) <= set(self.inputs)
+
+    @property
+    def needs_lengths(self) -> bool:  # chosen_lengths / rejected_lengths
+        return bool(set(LENGTH_INPUTS) & set(self.inputs))
+
+    @property
+    def extras(self) -> tuple[str, ...]:  # required method-specific inputs
+        return tuple(n for n in self.inputs if n not in STANDARD_INPUTS)
+
+    @property
+    def optional_extras(self) -> tuple[str, ...]:
+        return tuple(n for n in self.optional_inputs if n not in STANDARD_INPUTS)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: Callable[..., LossOutput]  # the plain, validated function
+    kind: str
+    paper: str  # "arXiv 2305.18290" ...
+    aggregation: str  # how completion log-probs enter: "sum", "mean", or a sentence
+    summary: str  # one-line formula for tables
+    inputs: tuple[str, ...]  # required tensor inputs
+    optional_inputs: tuple[str, ...]
+    hparams: Mapping[str, Any]  # defaults (inspect.Parameter.empty = required)
+    checks: Mapping[str, Check] = field(default_factory=dict)
+    requires: Callable[[Mapping[str, Any]], Requirements] | None = None
+    batch_dependent: bool = False  # the value of a row depends on the other rows (AOT sorts the batch)
+    accepts_any_input: bool = False  # takes **inputs (composite losses pass them on)
+
+    def validate(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """Unknown names and out-of-range values raise ``HyperParameterError``; returns defaults + ``hparams``."""
+        unknown = sorted(set(hparams) - set(self.hparams))
+        if unknown:
+            valid = ", ".join(sorted(self.hparams)) or "none"
+            raise HyperParameterError(
+                f"loss '{self.name}' has no hyper-parameter {', '.join(map(repr, unknown))}; valid: {valid}"
+            )
+        resolved = {**self.hparams, **hparams}
+        missing = sorted(k for k, v in resolved.items() if v is inspect.Parameter.empty)
+        if missing:
+            raise HyperParameterError(f"loss '{self.name}' needs hyper-parameter(s) {', '.join(missing)}")
+        for key, check in self.checks.items():
+            check(f"{self.name}.{key}", resolved[key])
+        return resolved
+
+    def requirements(self, hparams: Mapping[str, Any] | None = None) -> Requirements:
+        if self.requires is not None:
+            return self.requires(self.validate(hparams or {}))
+        return Requirements(inputs=self.inputs, optional_inputs=self.optional_inputs, kind=self.kind)
+
+    @property
+    def needs_reference(self) -> bool:
+        """For the default hyper-parameters; a bound loss answers for its own."""
+        return self.requirements().needs_reference
+
+
+# ------------------------------------------------------------------------------------------------- finite checks
+def set_finite_checks(enabled: bool) -> None:
+    """Turn the per-call NaN/inf checks of inputs and loss off (e.g. under CUDA graphs); on by default."""
+    global _CHECK_FINITE
+    _CHECK_FINITE = bool(enabled)
+
+
+def _check_finite(loss_name: str, tensors: Mapping[str, Tensor], out: LossOutput) -> None:
+    """One host sync when all is well; on failure name the first bad input (or the output) and its rows."""
+    floats = {k: t for k, t in tensors.items() if isinstance(t, Tensor) and t.is_floating_point()}
+    flags = [torch.isfinite(t).all() for t in floats.values()] + [torch.isfinite(out.loss)]
+    if bool(torch.stack(flags).all()):
+        return
+    for key, tensor in floats.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"loss '{loss_name}': input '{key}' is not finite {_bad_rows(tensor)}")
+    raise NonFiniteError(
+        f"loss '{loss_name}' produced a non-finite loss from finite inputs {_bad_rows(out.per_example)}"
+        " (check the hyper-parameters and the scale of the log-probs)"
+    )
+
+
+def _bad_rows(tensor: Tensor) -> str:
+    bad = ~torch.isfinite(tensor.detach())
+    if tensor.dim() > 1:
+        bad = bad.flatten(1).any(dim=1)
+    rows = bad.nonzero().flatten().tolist() if tensor.dim() else []
+    shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+    values = tensor.detach()[~torch.isfinite(tensor.detach())]
+    kinds = sorted({"nan" if math.isnan(v) else ("+inf" if v > 0 else "-inf") for v in values.flatten()[:100].tolist()})
+    return (f"at rows [{shown}] " if tensor.dim() else "") + f"({'/'.join(kinds)})"
+
+
+# ------------------------------------------------------------------------------------------------------- register
+def register(
+    name: str,
+    *,
+    paper: str,
+    summary: str,
+    aggregation: str = "sum",
+    kind: str = "pair",
+    checks: Mapping[str, Check] | None = None,
+    requires: Callable[[Mapping[str, Any]], Requirements] | None = None,
+    batch_dependent: bool = False,
+) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
+    """Register a loss under ``name``; the decorated function becomes the validated plain function.
+
+    ``checks`` maps hyper-parameter names to range checks (``positive``, ``in_range(0, 0.5, high_open=True)``...),
+    applied by ``losses.get`` and by every plain call. Registering a name twice is an error.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+    def decorate(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+        if name in _REGISTRY:
+            raise ValueError(f"loss '{name}' is already registered (by {_REGISTRY[name].fn.__module__})")
+        signature = inspect.signature(fn)
+        inputs, optional, hparams = [], [], {}
+        for param in signature.parameters.values():
+            if param.kind is inspect.Parameter.KEYWORD_ONLY:
+                hparams[param.name] = param.default
+            elif param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+                (inputs if param.default is inspect.Parameter.empty else optional).append(param.name)
+        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        if requires is None and var_keyword:
+            raise ValueError(f"loss '{name}' takes **inputs, so it must pass requires= to declare its needs")
+        unknown_checks = set(checks or {}) - set(hparams)
+        if unknown_checks:
+            raise ValueError(f"loss '{name}': checks for unknown hyper-parameters {sorted(unknown_checks)}")
+
+        @functools.wraps(fn)
+        def plain(*args: Any, **kwargs: Any) -> LossOutput:
+            bound = signature.bind(*args, **kwargs)
+            given_hparams = {k: v for k, v in bound.arguments.items() if k in hparams}
+            spec_.validate(given_hparams)
+            out = fn(*bound.args, **bound.kwargs)
+            if _CHECK_FINITE:
+                arguments = dict(bound.arguments)
+                arguments.update(arguments.pop(var_keyword, None) or {})
+                tensors = {k: v for k, v in arguments.items() if isinstance(v, Tensor)}
+                _check_finite(name, tensors, out)
+            return out
+
+        spec_ = LossSpec(
+            name=name,
+            fn=plain,
+            kind=kind,
+            paper=paper,
+            aggregation=aggregation,
+            summary=summary,
+            inputs=tuple(inputs),
+            optional_inputs=tuple(optional),
+            hparams=hparams,
+            checks=dict(checks or {}),
+            requires=requires,
+            batch_dependent=batch_dependent,
+            accepts_any_input=var_keyword is not None,
+        )
+        _REGISTRY[name] = spec_
+        plain.spec = spec_  # type: ignore[attr-defined]
+        return plain
+
+    return decorate
+
+
+# ----------------------------------------------------------------------------------------------- lookup and binding
+class BoundLoss:
+    """A registered loss with validated hyper-parameters: call it with keyword tensor inputs.
+
+    Standard inputs the loss does not use (lengths for DPO, reference log-probs for a reference-free loss) are
+    dropped, so one trainer can pass the same batch to any loss; an unknown extra name is an error (a typo would
+    otherwise be ignored silently).
+    """
+
+    def __init__(self, spec_: LossSpec, hparams: Mapping[str, Any]):
+        self.spec = spec_
+        self.name = spec_.name
+        self.hparams = spec_.validate(hparams)
+        self.requirements = spec_.requirements(self.hparams)
+        self._given = dict(hparams)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.requirements.needs_reference
+
+    def __call__(self, **inputs: Tensor) -> LossOutput:
+        req = self.requirements
+        missing = [n for n in req.inputs if inputs.get(n) is None]
+        if missing:
+            raise MissingInputError(f"loss '{self.name}' needs input(s) {', '.join(missing)}")
+        known = set(STANDARD_INPUTS) | set(req.inputs) | set(req.optional_inputs)
+        unknown = sorted(set(inputs) - known)
+        if unknown:
+            raise MissingInputError(
+                f"loss '{self.name}' got unexpected input(s) {', '.join(unknown)}; "
+                f"its extras are {', '.join(req.extras + req.optional_extras) or 'none'}"
+            )
+        if not self.spec.accepts_any_input:  # plain signature: pass only what it accepts
+            accepted = set(self.spec.inputs) | set(self.spec.optional_inputs)
+            inputs = {k: v for k, v in inputs.items() if k in accepted}
+        return self.spec.fn(**inputs, **self._given)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"losses.get({self.name!r}, {args})"
+
+
+def lengths_if(flag: str) -> Callable[[Mapping[str, Any]], Requirements]:
+    """A ``requires`` hook for losses whose signature has optional lengths that hyper-parameter ``flag`` makes
+    necessary (``ipo`` with ``length_normalize=true``)."""
+
+    def requires(hparams: Mapping[str, Any]) -> Requirements:
+        loss_spec = next(s for s in _REGISTRY.values() if s.requires is requires)
+        moved = LENGTH_INPUTS if hparams[flag] else ()
+        return Requirements(
+            inputs=loss_spec.inputs + tuple(n for n in loss_spec.optional_inputs if n in moved),
+            optional_inputs=tuple(n for n in loss_spec.optional_inputs if n not in moved),
+            kind=loss_spec.kind,
+        )
+
+    return requires
+
+
+def _load_plugins() -> None:
+    """Import third-party losses advertised under the ``prefopt.losses`` entry-point group (once)."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plugin must not take the built-in losses down with it
+            warnings.warn(f"could not load loss plugin {entry.name!r} ({entry.value}): {exc}", stacklevel=2)
+
+
+def available() -> list[str]:
+    """Sorted names of every registered loss (built-in and plugins)."""
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def spec(name: str) -> LossSpec:
+    _load_plugins()
+    if name not in _REGISTRY:
+        raise UnknownLossError(f"unknown loss {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get(name: str, **hparams: Any) -> BoundLoss:
+    """The loss ``name`` bound to ``hparams``; unknown names or hyper-parameters raise with the valid ones listed."""
+    return BoundLoss(spec(name), hparams)

@@ -1,0 +1,157 @@
+"""UPO — Unified Preference Optimization (Badrinath, Agarwal, Xu; arXiv 2405.17956, v1 titled "Hybrid Preference
+Optimization").
+
+Status: **reconstruction, not verified against the paper's text.** Read: the v3 abstract, the first pages of v1 and
+a reproducibility page quoting the paper. Verified: the objective is a preference objective (DPO/KTO MLE) plus an
+*advantage-weighted auxiliary objective* that maximises arbitrary non-preference "designer" rewards (toxicity,
+reading level) by offline RL; the auxiliary term is a plain weighted maximum-likelihood objective (no sampling, no
+loss clipping, no importance sampling, no bootstrapping) needing no extra data. Not verified: the exact advantage,
+baseline, temperature, clipping and normalisation, and Algorithm 1. Every one of those is a knob here.
+
+Derivation (spec §5.2). With total reward ``r = r_pref + r_aux``, ``r_aux = Σ_k c_k r_k``, the KL-regularised optimum
+is ``π* ∝ π_ref exp((r_pref + r_aux)/β)``. The preference part is fitted by the usual pairwise MLE on the implicit
+reward; the auxiliary part by advantage-weighted regression on the same offline completions (an M-projection onto the
+policy class, i.e. a weighted NLL):
+
+    L_UPO = L_pref + α · mean_{y ∈ {y_w, y_l}} [ −w(y) · S̄_θ(y) ],
+    w = stopgrad(min(exp(A/τ), w_max)),  A = r_aux(y) − b(x),
+
+with ``b`` the pair mean of r_aux (default) or the batch mean, and ``S̄`` the token-mean (default) or summed log-prob.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from losses._common import HyperParameterError, LossError, LossOutput, token_mean
+from losses.registry import LENGTH_INPUTS, Requirements, get, non_negative, one_of, positive, register, spec
+
+__all__ = ["upo_loss"]
+
+_AUX = ("aux_rewards_chosen", "aux_rewards_rejected")
+
+
+def _check_base(name: str, value: Any) -> None:
+    base = spec(value) if isinstance(value, str) else None
+    if base is None or base.kind != "pair" or value == "upo":
+        raise HyperParameterError(f"{name} must name a registered pairwise loss other than 'upo', got {value!r}")
+
+
+def _base_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The base loss's hyper-parameters: ``base_kwargs``, plus UPO's ``beta`` when the base has a ``beta``."""
+    kwargs = dict(hparams["base_kwargs"] or {})
+    if "beta" in spec(hparams["base"]).hparams:
+        kwargs.setdefault("beta", hparams["beta"])
+    return kwargs
+
+
+def _requires(hparams: Mapping[str, Any]) -> Requirements:
+    base = get(hparams["base"], **_base_hparams(hparams)).requirements
+    inputs = [*base.inputs, *_AUX]
+    if hparams["aux_length_normalize"]:
+        inputs += [n for n in LENGTH_INPUTS if n not in inputs]
+    optional = tuple(n for n in base.optional_inputs if n not in inputs)
+    return Requirements(inputs=tuple(inputs), optional_inputs=optional, kind="pair")
+
+
+def _combined(rewards: Tensor, aux_weights: list[float] | None, name: str) -> Tensor:
+    """[B] or [B, K] auxiliary rewards -> [B] ``Σ_k c_k r_k`` (c_k = 1 when ``aux_weights`` is None)."""
+    if rewards.dim() == 1:
+        return rewards
+    if rewards.dim() != 2:
+        raise LossError(f"loss 'upo': '{name}' must be [B] or [B, K], got shape {tuple(rewards.shape)}")
+    weights = torch.ones(rewards.shape[1]) if aux_weights is None else torch.as_tensor(list(aux_weights))
+    if weights.numel() != rewards.shape[1]:
+        raise LossError(f"loss 'upo': aux_weights has {weights.numel()} entries but '{name}' has K={rewards.shape[1]}")
+    return rewards @ weights.to(rewards)
+
+
+@register(
+    "upo",
+    paper="Badrinath, Agarwal, Xu 2024, arXiv 2405.17956 (UPO/HPO; auxiliary term reconstructed, UNVERIFIED)",
+    summary="L_base + α·mean(−w·S̄), w = min(exp((r_aux − b)/τ), w_max), detached",
+    aggregation="base loss's; token-mean S̄ for the auxiliary term (aux_length_normalize)",
+    checks={
+        "base": _check_base, "beta": positive, "alpha": non_negative, "temperature": positive,
+        "weight_clip": positive, "baseline": one_of("pair_mean", "batch_mean"),
+    },
+    requires=_requires,
+)
+def upo_loss(
+    policy_chosen_logps: Tensor,  # [B]
+    policy_rejected_logps: Tensor,  # [B]
+    aux_rewards_chosen: Tensor,  # [B] or [B, K] auxiliary (designer) rewards of y_w, computed once over the data
+    aux_rewards_rejected: Tensor,  # [B] or [B, K] of y_l
+    *,
+    base: str = "dpo",
+    beta: float = 0.1,
+    base_kwargs: Mapping[str, Any] | None = None,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    weight_clip: float = 20.0,
+    baseline: str = "pair_mean",
+    aux_weights: list[float] | None = None,
+    aux_length_normalize: bool = True,
+    self_normalize: bool = False,
+    **inputs: Tensor,
+) -> LossOutput:
+    """UPO (auxiliary term reconstructed, UNVERIFIED): ``L = L_base + α · mean_{y∈{y_w,y_l}} [−w(y) S̄_θ(y)]``,
+    ``w = stopgrad(min(exp((r_aux(y) − b)/τ), w_max))``, ``r_aux = Σ_k c_k r_k``.
+
+    Unified Preference Optimization, Badrinath et al. (arXiv 2405.17956); derivation and status in the module
+    docstring. ``base`` is any registered pairwise loss (``dpo`` by default; ``beta`` is passed to it, other
+    hyper-parameters through ``base_kwargs``); the remaining ``inputs`` (reference log-probs, lengths, its extras)
+    go to it too, so UPO over a reference-free base needs no reference.
+
+    * baselines ``b``: ``pair_mean`` (mean r_aux of the pair, default) or ``batch_mean`` (over all 2B completions);
+    * ``temperature`` τ (1.0; spec suggests τ = β, which with z-scored rewards clips most weights at w_max),
+      ``weight_clip`` w_max (20), ``self_normalize`` divides the weights by their batch mean;
+    * ``S̄`` is the token-mean log-prob when ``aux_length_normalize`` (default), else the summed one.
+
+    Metrics: the base's, plus ``loss/preference``, ``aux/weighted_nll``, ``aux/reward_{chosen,rejected}_mean``,
+    ``aux/<k>/mean`` per component, ``aux/advantage_{mean,std}``, ``aux/weight_{mean,max}``, ``aux/weight_ess``
+    ((Σw)²/Σw² over the 2B completions), ``aux/frac_clipped``.
+    """
+    hparams = {"base": base, "beta": beta, "base_kwargs": base_kwargs}
+    base_out = get(base, **_base_hparams(hparams))(
+        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps, **inputs
+    )
+    dtype = policy_chosen_logps.dtype
+    rewards = torch.stack([
+        _combined(aux_rewards_chosen.to(dtype), aux_weights, "aux_rewards_chosen"),
+        _combined(aux_rewards_rejected.to(dtype), aux_weights, "aux_rewards_rejected"),
+    ])  # [2, B]: row 0 chosen, row 1 rejected
+    with torch.no_grad():
+        centre = rewards.mean(dim=0, keepdim=True) if baseline == "pair_mean" else rewards.mean()
+        advantages = rewards - centre
+        log_weights = advantages / temperature
+        clipped = log_weights > math.log(weight_clip)
+        weights = torch.exp(log_weights.clamp(max=math.log(weight_clip)))
+        if self_normalize:
+            weights = weights / weights.mean()
+    logps = torch.stack([policy_chosen_logps, policy_rejected_logps])  # [2, B]
+    if aux_length_normalize:
+        logps = token_mean(logps, torch.stack([inputs["chosen_lengths"], inputs["rejected_lengths"]]))
+    aux_per_pair = -(weights * logps).mean(dim=0)  # [B] mean over the pair's two completions
+    per_example = base_out.per_example + alpha * aux_per_pair
+
+    metrics = dict(base_out.metrics)
+    metrics["loss/preference"] = base_out.loss.detach()
+    metrics["aux/weighted_nll"] = aux_per_pair.detach().mean()
+    metrics["aux/reward_chosen_mean"] = rewards[0].mean()
+    metrics["aux/reward_rejected_mean"] = rewards[1].mean()
+    if aux_rewards_chosen.dim() == 2:
+        components = torch.cat([aux_rewards_chosen, aux_rewards_rejected]).to(dtype).mean(dim=0)
+        metrics.update({f"aux/{k}/mean": value for k, value in enumerate(components)})
+    metrics["aux/advantage_mean"] = advantages.mean()
+    metrics["aux/advantage_std"] = advantages.std(unbiased=False)
+    metrics["aux/weight_mean"] = weights.mean()
+    metrics["aux/weight_max"] = weights.max()
+    metrics["aux/weight_ess"] = weights.sum() ** 2 / (weights**2).sum()
+    metrics["aux/frac_clipped"] = clipped.to(dtype).mean()
+    return LossOutput(per_example.mean(), per_example, metrics)
