@@ -162,7 +162,9 @@ def disagreement_rates(
     return rates
 
 
-def select_aspects(rates: Mapping[str, float], *, threshold: float | None = None, top_k: int | None = None) -> list[str]:
+def select_aspects(
+    rates: Mapping[str, float], *, threshold: float | None = None, top_k: int | None = None
+) -> list[str]:
     """Keep the aspects most consistent with the holistic reward: those with ``rate < threshold``, and/or the
     ``top_k`` lowest rates (ties broken by name). Ordered from most to least consistent."""
     if threshold is None and top_k is None:

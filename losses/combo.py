@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from losses._common import HyperParameterError, LossOutput
-from losses.registry import BoundLoss, Requirements, get, register, spec
+from losses.registry import BoundLoss, Requirements, get, optional, positive, register, spec
 
 __all__ = ["combo_loss", "combo_parts"]
 
@@ -52,7 +52,9 @@ def _requires(hparams: Mapping[str, Any]) -> Requirements:
     for _, part in combo_parts(hparams["parts"], hparams["beta"]):
         inputs += [n for n in part.requirements.inputs if n not in inputs]
         optional += [n for n in part.requirements.optional_inputs if n not in optional]
-    return Requirements(inputs=tuple(inputs), optional_inputs=tuple(n for n in optional if n not in inputs), kind="pair")
+    return Requirements(
+        inputs=tuple(inputs), optional_inputs=tuple(n for n in optional if n not in inputs), kind="pair"
+    )
 
 
 @register(
@@ -60,7 +62,7 @@ def _requires(hparams: Mapping[str, Any]) -> Requirements:
     paper="TRL loss_weights; Wang et al. 2024, arXiv 2411.10442 (InternVL Mixed Preference Optimization)",
     summary="Σ_k w_k · L_k",
     aggregation="each part's own",
-    checks={"parts": _check_parts},
+    checks={"parts": _check_parts, "beta": optional(positive)},
     requires=_requires,
 )
 def combo_loss(

@@ -107,13 +107,17 @@ def mpo_loss(
     """
     chosen, rejected = policy_chosen_logps, policy_rejected_logps
     if length_normalize:
-        require_lengths("mpo", "length_normalize=true", chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+        require_lengths(
+            "mpo", "length_normalize=true", chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths
+        )
         chosen, rejected = token_mean(chosen, chosen_lengths), token_mean(rejected, rejected_lengths)
     pref_reward = torch.sigmoid((chosen - rejected) / temperature)
     per_example = -pref_reward
     metrics = pair_metrics(
-        chosen.detach() / temperature, rejected.detach() / temperature,
-        policy_chosen_logps.detach(), policy_rejected_logps.detach(),
+        chosen.detach() / temperature,
+        rejected.detach() / temperature,
+        policy_chosen_logps.detach(),
+        policy_rejected_logps.detach(),
     )
     metrics["mpo/pref_reward"] = pref_reward.detach().mean()
     metrics["mpo/pair_accuracy"] = (chosen > rejected).to(chosen.dtype).mean().detach()

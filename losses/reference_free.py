@@ -35,11 +35,19 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > split, near_zero, far)
 
 
-def _policy_output(per_example: Tensor, chosen_scores: Tensor, rejected_scores: Tensor, beta: float,
-                   policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> LossOutput:
+def _policy_output(
+    per_example: Tensor,
+    chosen_scores: Tensor,
+    rejected_scores: Tensor,
+    beta: float,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+) -> LossOutput:
     metrics = pair_metrics(
-        beta * chosen_scores.detach(), beta * rejected_scores.detach(),
-        policy_chosen_logps.detach(), policy_rejected_logps.detach(),
+        beta * chosen_scores.detach(),
+        beta * rejected_scores.detach(),
+        policy_chosen_logps.detach(),
+        policy_rejected_logps.detach(),
     )
     return LossOutput(per_example.mean(), per_example, metrics)
 
@@ -99,8 +107,12 @@ def cpo_loss(
     preference = smoothed_logistic(beta * (policy_chosen_logps - policy_rejected_logps), label_smoothing)
     nll = chosen_nll(policy_chosen_logps, chosen_lengths)
     out = _policy_output(
-        preference + alpha * nll, policy_chosen_logps, policy_rejected_logps, beta,
-        policy_chosen_logps, policy_rejected_logps,
+        preference + alpha * nll,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        beta,
+        policy_chosen_logps,
+        policy_rejected_logps,
     )
     out.metrics["nll_loss"] = nll.detach().mean()
     out.metrics["cpo/preference_loss"] = preference.detach().mean()

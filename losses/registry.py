@@ -43,6 +43,7 @@ __all__ = [
     "non_negative",
     "in_range",
     "one_of",
+    "optional",
     "lengths_if",
 ]
 
@@ -68,6 +69,16 @@ def positive(name: str, value: Any) -> None:
 def non_negative(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or not math.isfinite(value):
         raise HyperParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def optional(check: Check) -> Check:
+    """``check`` unless the value is None."""
+
+    def maybe(name: str, value: Any) -> None:
+        if value is not None:
+            check(name, value)
+
+    return maybe
 
 
 def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:

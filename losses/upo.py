@@ -77,8 +77,12 @@ def _combined(rewards: Tensor, aux_weights: list[float] | None, name: str) -> Te
     summary="L_base + α·mean(−w·S̄), w = min(exp((r_aux − b)/τ), w_max), detached",
     aggregation="base loss's; token-mean S̄ for the auxiliary term (aux_length_normalize)",
     checks={
-        "base": _check_base, "beta": positive, "alpha": non_negative, "temperature": positive,
-        "weight_clip": positive, "baseline": one_of("pair_mean", "batch_mean"),
+        "base": _check_base,
+        "beta": positive,
+        "alpha": non_negative,
+        "temperature": positive,
+        "weight_clip": positive,
+        "baseline": one_of("pair_mean", "batch_mean"),
     },
     requires=_requires,
 )
@@ -122,10 +126,12 @@ def upo_loss(
         policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps, **inputs
     )
     dtype = policy_chosen_logps.dtype
-    rewards = torch.stack([
-        _combined(aux_rewards_chosen.to(dtype), aux_weights, "aux_rewards_chosen"),
-        _combined(aux_rewards_rejected.to(dtype), aux_weights, "aux_rewards_rejected"),
-    ])  # [2, B]: row 0 chosen, row 1 rejected
+    rewards = torch.stack(
+        [
+            _combined(aux_rewards_chosen.to(dtype), aux_weights, "aux_rewards_chosen"),
+            _combined(aux_rewards_rejected.to(dtype), aux_weights, "aux_rewards_rejected"),
+        ]
+    )  # [2, B]: row 0 chosen, row 1 rejected
     with torch.no_grad():
         centre = rewards.mean(dim=0, keepdim=True) if baseline == "pair_mean" else rewards.mean()
         advantages = rewards - centre

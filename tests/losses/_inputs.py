@@ -1,0 +1,51 @@
+"""Random, valid inputs for any registered loss, built from its declaration (the way a trainer builds a batch)."""
+
+from pathlib import Path
+
+import torch
+import yaml
+
+import losses
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "loss"
+B, R = 5, 4
+
+
+def config_hparams(name: str) -> dict:
+    """The hyper-parameters of ``conf/loss/NAME.yaml`` (what a user runs by default)."""
+    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    cfg.pop("name")
+    return cfg
+
+
+def _extra(name: str, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    lengths = {"reg_lengths": R, "sft_lengths": 3}
+    if name in lengths:
+        return torch.randint(1, 9, (lengths[name],), generator=gen)
+    if name in ("reg_logps", "reg_ref_logps"):
+        return -(torch.rand(R, generator=gen, dtype=dtype) * 10 + 0.5)
+    if name == "sft_logps":
+        return -(torch.rand(3, generator=gen, dtype=dtype) * 10 + 0.5)
+    if name.startswith("aux_rewards_"):
+        return torch.randn(B, generator=gen, dtype=dtype)
+    raise KeyError(f"no test generator for extra input {name!r}: add one to tests/losses/_inputs.py")
+
+
+def make_inputs(loss: losses.BoundLoss, seed: int = 0, dtype: torch.dtype = torch.float64) -> dict:
+    """Every input the loss requires or accepts, random but valid (log-probs < 0, lengths >= 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (2, B), generator=gen)
+    logps = -(torch.rand(4, B, generator=gen, dtype=dtype) * 1.5 + 0.1) * torch.cat([lengths, lengths]).to(dtype)
+    standard = dict(
+        policy_chosen_logps=logps[0],
+        policy_rejected_logps=logps[1],
+        ref_chosen_logps=logps[2],
+        ref_rejected_logps=logps[3],
+        chosen_lengths=lengths[0],
+        rejected_lengths=lengths[1],
+    )
+    req = loss.requirements
+    inputs = {k: v for k, v in standard.items() if k in req.inputs or k in req.optional_inputs or k.startswith("pol")}
+    for name in (*req.extras, *req.optional_extras):
+        inputs[name] = _extra(name, gen, dtype)
+    return inputs

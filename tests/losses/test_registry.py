@@ -1,0 +1,202 @@
+"""The public API: names, lookup errors, hyper-parameter validation, declarations, conf/loss in step, plugins."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import losses
+from losses import registry
+
+from ._inputs import CONF, config_hparams
+
+ISSUE_NAMES = {
+    "dpo",
+    "cdpo",
+    "robust",
+    "ipo",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "simpo",
+    "cpo",
+    "orpo",
+    "sft",
+    "mpo",
+    "upo",
+    "combo",
+}
+REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft", "mpo"}
+
+
+def test_available_is_sorted_and_complete():
+    names = losses.available()
+    assert names == sorted(names)
+    assert set(names) == ISSUE_NAMES
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(losses.UnknownLossError, match="unknown loss 'dpoo'; available: aot, aot_unpaired") as err:
+        losses.get("dpoo")
+    assert "dpo" in str(err.value) and "upo" in str(err.value)
+
+
+def test_unknown_hyperparameter_lists_valid_ones():
+    with pytest.raises(losses.HyperParameterError, match=r"no hyper-parameter 'betta'; valid: beta, label_smoothing"):
+        losses.get("robust", betta=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "hparams", "message"),
+    [
+        ("robust", {"label_smoothing": 0.5}, r"robust.label_smoothing must lie in \[0.0, 0.5\)"),
+        ("robust", {"label_smoothing": 0.7}, "lie in"),
+        ("cdpo", {"label_smoothing": -0.1}, "lie in"),
+        ("exo_pair", {"label_smoothing": 0.0}, r"exo_pair.label_smoothing must lie in \(0.0, 1.0\)"),
+        ("aot", {"label_smoothing": 0.5}, "lie in"),
+        ("discopop", {"tau": 0.0}, "tau must be a finite number > 0"),
+        ("simpo", {"gamma": -1.0}, "gamma must be a finite number >= 0"),
+        ("mpo", {"temperature": 0.0}, "temperature"),
+        ("mpo", {"beta": -0.1}, "beta must be a finite number >= 0"),
+        ("upo", {"base": "nope"}, "unknown loss 'nope'"),
+        ("upo", {"base": "upo"}, "pairwise loss other than 'upo'"),
+        ("upo", {"baseline": "median"}, "baseline must be one of"),
+        ("upo", {"weight_clip": 0}, "weight_clip"),
+        ("combo", {"parts": {"dpo": -1.0}}, "weight must be a finite number >= 0"),
+        ("combo", {"parts": {"combo": 1.0}}, "cannot contain 'combo'"),
+        ("combo", {"parts": {}}, "non-empty mapping"),
+        ("combo", {"parts": {"dpo": {"weight": 1.0, "beta": -1}}}, "dpo.beta must be a finite number > 0"),
+        ("ipo", {"beta": float("nan")}, "beta must be a finite number > 0"),
+    ],
+)
+def test_invalid_hyperparameters_rejected(name, hparams, message):
+    with pytest.raises(losses.LossError, match=message):
+        losses.get(name, **hparams)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ISSUE_NAMES if "beta" in losses.spec(n).hparams and n != "mpo"))
+@pytest.mark.parametrize("beta", [-0.1, 0.0])
+def test_non_positive_beta_rejected(name, beta):
+    with pytest.raises(losses.HyperParameterError, match=f"{name}.beta must be a finite number > 0"):
+        losses.get(name, **{**config_hparams(name), "beta": beta})
+
+
+def test_combo_requires_parts():
+    with pytest.raises(losses.HyperParameterError, match="needs hyper-parameter"):
+        losses.get("combo")
+
+
+def test_plain_functions_validate_too(golden_batch):
+    batch = {k: v for k, v in golden_batch.items() if "length" not in k}
+    with pytest.raises(losses.HyperParameterError, match="robust.label_smoothing"):
+        losses.robust_loss(**batch, label_smoothing=0.5)
+    assert losses.dpo_loss(**batch, beta=0.1).loss.item() == pytest.approx(0.666292, abs=1e-6)
+    assert losses.dpo_loss is losses.spec("dpo").fn
+
+
+def test_reference_declarations():
+    for name in ISSUE_NAMES - {"combo"}:
+        assert losses.get(name).needs_reference == (name not in REFERENCE_FREE), name
+    assert not losses.get("upo", base="simpo").needs_reference
+    assert losses.get("combo", parts={"simpo": 1.0, "sft": 0.5}).needs_reference is False
+    assert losses.get("combo", parts={"simpo": 1.0, "dpo": 0.5}).needs_reference is True
+
+
+def test_extras_and_lengths_declarations():
+    assert losses.get("mpo").requirements.extras == ("reg_logps", "reg_lengths")
+    assert "reg_ref_logps" in losses.get("mpo").requirements.optional_extras
+    assert losses.get("mpo", ptx_weight=1.0).requirements.extras == (
+        "reg_logps",
+        "reg_lengths",
+        "sft_logps",
+        "sft_lengths",
+    )
+    assert losses.get("mpo", beta=0.0).requirements.extras == ()
+    assert losses.get("upo").requirements.extras == ("aux_rewards_chosen", "aux_rewards_rejected")
+    assert losses.get("ipo").requirements.needs_lengths
+    assert not losses.get("ipo", length_normalize=False).requirements.needs_lengths
+    assert not losses.get("dpo").requirements.needs_lengths
+    assert losses.get("simpo").requirements.needs_lengths
+    assert {losses.get(n, **config_hparams(n)).requirements.kind for n in ISSUE_NAMES} == {"pair"}
+
+
+def test_missing_and_unexpected_inputs_are_named(golden_batch):
+    with pytest.raises(losses.MissingInputError, match="loss 'dpo' needs input.s. ref_rejected_logps"):
+        losses.get("dpo")(**{k: v for k, v in golden_batch.items() if k != "ref_rejected_logps"})
+    with pytest.raises(losses.MissingInputError, match="loss 'mpo' needs input.s. reg_logps, reg_lengths"):
+        losses.get("mpo")(**golden_batch)
+    with pytest.raises(losses.MissingInputError, match="unexpected input.s. reg_logp; its extras are"):
+        losses.get("dpo")(**golden_batch, reg_logp=torch.zeros(2))
+
+
+def test_standard_inputs_a_loss_does_not_use_are_dropped(golden_batch):
+    """One trainer passes the same batch to any loss: lengths to DPO, reference log-probs to SimPO."""
+    simpo = losses.get("simpo")(**golden_batch)
+    without_ref = losses.get("simpo")(**{k: v for k, v in golden_batch.items() if not k.startswith("ref")})
+    assert simpo.loss.item() == without_ref.loss.item()
+
+
+def test_conf_loss_in_step_with_registry():
+    """Every registered loss has conf/loss/NAME.yaml, with every hyper-parameter at the code default (house rule 9)."""
+    files = {p.stem for p in CONF.glob("*.yaml")}
+    assert files == set(losses.available())
+    for name in files:
+        cfg = config_hparams(name)
+        loss_spec = losses.spec(name)
+        assert set(cfg) == set(loss_spec.hparams), name
+        for key, value in cfg.items():
+            default = loss_spec.hparams[key]
+            if default is registry.inspect.Parameter.empty:
+                continue  # required in code (combo.parts); the YAML supplies the default
+            assert value == default or (value == {} and default is None), f"{name}.{key}: yaml {value} != {default}"
+        losses.get(name, **cfg)  # and the YAML validates
+
+
+def test_entry_point_plugins_register(monkeypatch, tmp_path):
+    module = tmp_path / "my_plugin_losses.py"
+    module.write_text(
+        "import torch.nn.functional as F\n"
+        "from losses import LossOutput, register\n"
+        "@register('plugin_dpo', paper='test plugin', summary='−log σ(β(S_w − S_l))')\n"
+        "def plugin_loss(policy_chosen_logps, policy_rejected_logps, *, beta=1.0):\n"
+        "    per = -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps))\n"
+        "    return LossOutput(per.mean(), per, {})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [
+        SimpleNamespace(name="mine", value="my_plugin_losses", load=lambda: __import__("my_plugin_losses")),
+        SimpleNamespace(name="broken", value="nowhere", load=lambda: __import__("no_such_module_here")),
+    ]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: eps if group == "prefopt.losses" else [])
+    monkeypatch.setattr(registry, "_PLUGINS_LOADED", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    with pytest.warns(UserWarning, match="could not load loss plugin 'broken'"):
+        names = losses.available()
+    assert "plugin_dpo" in names
+    fn = losses.get("plugin_dpo", beta=2.0)
+    assert not fn.needs_reference
+    out = fn(policy_chosen_logps=torch.tensor([0.0]), policy_rejected_logps=torch.tensor([0.0]))
+    assert out.loss.item() == pytest.approx(0.693147, abs=1e-6)
+
+
+def test_register_twice_is_an_error():
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("dpo", paper="", summary="")(losses.dpo_loss.__wrapped__)
+
+
+def test_losses_package_imports_torch_only():
+    code = (
+        "import sys, losses; bad = [m for m in ('prefopt', 'transformers', 'datasets', 'hydra', 'accelerate') "
+        "if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
