@@ -115,7 +115,8 @@ def reference_metrics(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
 ) -> dict[str, Tensor]:
-    """Metrics of a loss with a reference: implicit rewards ``βρ`` (TRL) and the offline log-ratio ``kl/*`` (spec §10)."""
+    """Metrics of a loss with a reference: implicit rewards ``βρ`` (TRL names) and the offline log-ratios ``kl/*``
+    (spec §10)."""
     chosen_logratios = (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_logratios = (policy_rejected_logps - ref_rejected_logps).detach()
     metrics = pair_metrics(

@@ -140,7 +140,8 @@ def disagreement_rates(
 ) -> dict[str, float]:
     """Each aspect's disagreement rate with the holistic reward over paired outputs (ALaRM eval_compare.py):
 
-        rate(k) = #{i : holistic not tied, aspect not tied, sign(Δaspect_i) ≠ sign(Δholistic_i)} / #{i : holistic not tied}
+        rate(k) = #{i : holistic not tied, aspect not tied, sign(Δaspect_i) ≠ sign(Δholistic_i)}
+                  / #{i : holistic not tied}
 
     with ``Δ = A − B`` and the aspect's sign flipped when lower is better (error counts). A difference with
     ``|Δ| <= tie_tolerance`` is a tie. Returned as a fraction (the released script prints it ×100).
