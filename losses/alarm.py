@@ -159,7 +159,7 @@ def disagreement_rates(
         diff = (aspects_a[name] - aspects_b[name]).double()
         diff = -diff if name in flipped else diff
         disagree = decided & (diff.abs() > tie_tolerance) & (torch.sign(diff) != torch.sign(holistic_diff))
-        rates[name] = float(disagree.sum() / decided.sum())
+        rates[name] = int(disagree.sum()) / int(decided.sum())
     return rates
 
 

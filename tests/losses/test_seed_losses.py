@@ -1,0 +1,164 @@
+"""MPO, UPO and combo: values computed by hand from the formulas in their docstrings, and their limits."""
+
+import math
+
+import pytest
+import torch
+
+import losses
+
+F64 = torch.float64
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def t(*values):
+    return torch.tensor(values, dtype=F64)
+
+
+MPO_BATCH = dict(
+    policy_chosen_logps=t(-10.0, -25.0),
+    policy_rejected_logps=t(-12.0, -24.0),
+    chosen_lengths=torch.tensor([5, 10]),
+    rejected_lengths=torch.tensor([6, 8]),
+    reg_logps=t(-6.0, -9.0),
+    reg_lengths=torch.tensor([3, 6]),
+    reg_ref_logps=t(-5.0, -8.0),
+)
+
+
+def test_mpo_hand_computed():
+    out = losses.get("mpo", beta=0.1)(**MPO_BATCH)
+    pref = [sigmoid(2.0), sigmoid(-1.0)]  # σ(S_w − S_l)
+    reg_nll = 15.0 / 9.0  # token mean −ΣS/Σ|y|
+    assert out.per_example.tolist() == pytest.approx([-pref[0] + 0.1 * reg_nll, -pref[1] + 0.1 * reg_nll], abs=1e-12)
+    assert out.loss.item() == pytest.approx(-(pref[0] + pref[1]) / 2 + 0.1 * reg_nll, abs=1e-12)
+    metrics = out.metrics
+    assert metrics["mpo/pref_reward"].item() == pytest.approx(sum(pref) / 2)
+    assert metrics["mpo/pair_accuracy"].item() == 0.5
+    assert metrics["mpo/logp_gap"].item() == pytest.approx(0.5)
+    assert metrics["mpo/reg_nll"].item() == pytest.approx(reg_nll)
+    assert metrics["mpo/kl_fwd_est"].item() == pytest.approx(1.0)  # mean(S_ref − S_θ) = mean(1, 1)
+
+
+def test_mpo_knobs():
+    tempered = losses.get("mpo", beta=0.0, temperature=2.0)(**MPO_BATCH)
+    assert tempered.loss.item() == pytest.approx(-(sigmoid(1.0) + sigmoid(-0.5)) / 2, abs=1e-12)
+    summed = losses.get("mpo", beta=1.0, nll_token_mean=False)(**MPO_BATCH)
+    assert summed.loss.item() == pytest.approx(-(sigmoid(2.0) + sigmoid(-1.0)) / 2 + 7.5, abs=1e-12)
+    normalized = losses.get("mpo", beta=0.0, length_normalize=True)(**MPO_BATCH)
+    assert normalized.loss.item() == pytest.approx(-(sigmoid(-2 + 2) + sigmoid(-2.5 + 3)) / 2, abs=1e-12)
+    ptx = losses.get("mpo", beta=0.0, ptx_weight=0.5)(**MPO_BATCH, sft_logps=t(-4.0), sft_lengths=torch.tensor([2]))
+    assert ptx.loss.item() == pytest.approx(-(sigmoid(2.0) + sigmoid(-1.0)) / 2 + 0.5 * 2.0, abs=1e-12)
+
+
+def test_mpo_needs_no_reference_and_saturates():
+    """The preference term is bounded: even an infinite margin gains at most 1 per pair (unlike DPO)."""
+    assert not losses.get("mpo").needs_reference
+    huge = dict(MPO_BATCH, policy_chosen_logps=t(0.0, 0.0), policy_rejected_logps=t(-1e4, -1e4))
+    out = losses.get("mpo", beta=0.0)(**huge)
+    assert out.loss.item() == pytest.approx(-1.0)
+    grad_batch = {k: (v.clone().requires_grad_(True) if k == "policy_chosen_logps" else v) for k, v in huge.items()}
+    losses.get("mpo", beta=0.0)(**grad_batch).loss.backward()
+    assert grad_batch["policy_chosen_logps"].grad.abs().max().item() < 1e-12
+
+
+def test_mpo_kl_term_pulls_towards_reference_samples():
+    """Gradient of the KL term w.r.t. the regularisation log-probs is −β / Σ|y| per token-mean NLL."""
+    reg = MPO_BATCH["reg_logps"].clone().requires_grad_(True)
+    losses.get("mpo", beta=0.3)(**dict(MPO_BATCH, reg_logps=reg)).loss.backward()
+    assert reg.grad.tolist() == pytest.approx([-0.3 / 9, -0.3 / 9])
+
+
+def test_mpo_empty_regularisation_batch_is_an_error():
+    with pytest.raises(losses.LossError, match="'reg_logps' is empty"):
+        losses.get("mpo")(**dict(MPO_BATCH, reg_logps=t(), reg_lengths=torch.tensor([], dtype=torch.long)))
+
+
+def _upo_hand(golden_batch, weight_clip=20.0):
+    """UPO by hand on the spec batch: aux rewards chosen [1, 0, 2], rejected [0, 0, −2], pair-mean baseline, τ = 1."""
+    advantages_w, advantages_l = [0.5, 0.0, 2.0], [-0.5, 0.0, -2.0]
+    w_w = [min(math.exp(a), weight_clip) for a in advantages_w]
+    w_l = [min(math.exp(a), weight_clip) for a in advantages_l]
+    mean_w = [-10 / 5, -25 / 10, -7.5 / 3]  # token-mean log-probs
+    mean_l = [-12 / 6, -24 / 8, -9 / 4]
+    aux = [-(w_w[i] * mean_w[i] + w_l[i] * mean_l[i]) / 2 for i in range(3)]
+    dpo = losses.get("dpo")(**golden_batch).per_example.tolist()
+    return [dpo[i] + aux[i] for i in range(3)], w_w + w_l
+
+
+def test_upo_hand_computed(golden_batch):
+    inputs = dict(golden_batch, aux_rewards_chosen=t(1.0, 0.0, 2.0), aux_rewards_rejected=t(0.0, 0.0, -2.0))
+    out = losses.get("upo")(**inputs)
+    expected, weights = _upo_hand(golden_batch)
+    assert out.per_example.tolist() == pytest.approx(expected, abs=1e-12)
+    assert out.metrics["aux/weight_ess"].item() == pytest.approx(sum(weights) ** 2 / sum(w * w for w in weights))
+    assert out.metrics["aux/frac_clipped"].item() == 0.0
+    assert out.metrics["loss/preference"].item() == pytest.approx(0.666292, abs=1e-6)
+    assert out.metrics["rewards/margins"].item() == pytest.approx(0.056667, abs=1e-6)  # the base's metrics
+
+    clipped = losses.get("upo", weight_clip=5.0)(**inputs)
+    expected, _ = _upo_hand(golden_batch, weight_clip=5.0)
+    assert clipped.per_example.tolist() == pytest.approx(expected, abs=1e-12)
+    assert clipped.metrics["aux/frac_clipped"].item() == pytest.approx(1 / 6)
+
+
+def test_upo_limits_and_options(golden_batch):
+    inputs = dict(golden_batch, aux_rewards_chosen=t(1.0, 0.0, 2.0), aux_rewards_rejected=t(0.0, 0.0, -2.0))
+    assert losses.get("upo", alpha=0.0)(**inputs).loss.item() == losses.get("dpo")(**golden_batch).loss.item()
+    # equal auxiliary rewards: every weight is 1, the auxiliary term is the plain mean NLL over both completions
+    flat = dict(inputs, aux_rewards_chosen=t(3.0, 3.0, 3.0), aux_rewards_rejected=t(3.0, 3.0, 3.0))
+    out = losses.get("upo", base="ipo", beta=0.2, aux_length_normalize=False)(**flat)
+    ipo = losses.get("ipo", beta=0.2)(**golden_batch).loss.item()
+    assert out.loss.item() == pytest.approx(ipo + (42.5 + 45.0) / 6, abs=1e-12)
+    # [B, K] rewards with weights c_k equal the pre-combined [B] rewards
+    multi = dict(
+        golden_batch,
+        aux_rewards_chosen=t(1.0, 0.0, 2.0)[:, None].repeat(1, 2),
+        aux_rewards_rejected=t(0.0, 0.0, -2.0)[:, None].repeat(1, 2),
+    )
+    combined = losses.get("upo", aux_weights=[0.25, 0.75])(**multi)
+    assert combined.loss.item() == pytest.approx(losses.get("upo")(**inputs).loss.item(), abs=1e-12)
+    assert "aux/1/mean" in combined.metrics
+    # batch-mean baseline: centre = mean of all six rewards = 1/6
+    batch_mean = losses.get("upo", baseline="batch_mean")(**inputs)
+    assert batch_mean.metrics["aux/advantage_mean"].item() == pytest.approx(0.0, abs=1e-12)
+    # weights are detached: the auxiliary gradient is −α·w/(2B·|y|) per summed log-prob
+    chosen = golden_batch["policy_chosen_logps"].clone().requires_grad_(True)
+    losses.get("upo", base="simpo", alpha=1.0)(**dict(inputs, policy_chosen_logps=chosen)).loss.backward()
+    simpo_chosen = golden_batch["policy_chosen_logps"].clone().requires_grad_(True)
+    losses.get("simpo", beta=0.1)(**dict(golden_batch, policy_chosen_logps=simpo_chosen)).loss.backward()
+    aux_grad = chosen.grad - simpo_chosen.grad
+    expected = [-math.exp(a) / (2 * 3 * n) for a, n in zip([0.5, 0.0, 2.0], [5, 10, 3], strict=True)]
+    assert aux_grad.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_upo_over_reference_free_base_needs_no_reference(golden_batch):
+    inputs = {k: v for k, v in golden_batch.items() if not k.startswith("ref")}
+    out = losses.get("upo", base="simpo")(**inputs, aux_rewards_chosen=t(1.0, 0, 0), aux_rewards_rejected=t(0.0, 0, 0))
+    assert torch.isfinite(out.loss)
+
+
+def test_upo_bad_reward_shapes(golden_batch):
+    with pytest.raises(losses.LossError, match="aux_weights has 3 entries but 'aux_rewards_chosen' has K=2"):
+        losses.get("upo", aux_weights=[1, 1, 1])(
+            **golden_batch, aux_rewards_chosen=torch.zeros(3, 2, dtype=F64), aux_rewards_rejected=torch.zeros(3, 2)
+        )
+
+
+def test_combo_is_the_weighted_sum_of_its_parts(golden_batch):
+    out = losses.get("combo", parts={"dpo": 0.8, "bco_pair": 0.2, "sft": 1.0}, beta=0.1)(**golden_batch)
+    parts = {name: losses.get(name)(**golden_batch) for name in ("dpo", "bco_pair", "sft")}
+    expected = 0.8 * parts["dpo"].loss + 0.2 * parts["bco_pair"].loss + parts["sft"].loss
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert out.metrics["loss/bco_pair"].item() == pytest.approx(parts["bco_pair"].loss.item())
+    assert out.metrics["rewards/margins"].item() == pytest.approx(parts["dpo"].metrics["rewards/margins"].item())
+    assert "sft/nll_loss" in out.metrics
+
+
+def test_combo_part_hyperparameters_and_shared_beta(golden_batch):
+    out = losses.get("combo", parts={"ipo": {"weight": 2.0, "beta": 0.5}, "dpo": 1.0}, beta=0.2)(**golden_batch)
+    expected = 2 * losses.get("ipo", beta=0.5)(**golden_batch).loss + losses.get("dpo", beta=0.2)(**golden_batch).loss
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-12)
