@@ -1,0 +1,441 @@
+"""The training loop: source -> one forward -> log-probs -> loss -> accelerate step -> log / checkpoint.
+
+What the batch holds, whether a reference model exists, and which extra sequences join the forward all follow from
+the loss's declaration (``losses.get(...).requirements``); nothing here branches on a loss name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+import losses
+from prefopt import models, rewards, synthetic
+from prefopt.batching import Batch, collate
+from prefopt.dataset import PreparedData, prepare_data
+from prefopt.errors import ConfigError
+from prefopt.logps import sequence_logps
+from prefopt.reference import cache_key, frozen_copy, generate_regularization, precompute_reference_logps, sample_extra
+
+__all__ = ["train", "build_loss", "Step"]
+
+log = logging.getLogger("prefopt")
+
+REFERENCE_INPUTS = ("ref_chosen_logps", "ref_rejected_logps")
+REGULARIZATION_INPUTS = ("reg_logps", "reg_lengths", "reg_ref_logps")
+AUX_INPUTS = ("aux_rewards_chosen", "aux_rewards_rejected")
+SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins")
+
+
+def build_loss(loss_cfg) -> losses.BoundLoss:
+    hparams = OmegaConf.to_container(loss_cfg, resolve=True) if OmegaConf.is_config(loss_cfg) else dict(loss_cfg)
+    name = hparams.pop("name")
+    return losses.get(name, **hparams)
+
+
+# ------------------------------------------------------------------------------------------------------ data order
+@dataclass
+class Order:
+    """Seeded permutation per epoch; (epoch, position) is the resumable data position."""
+
+    size: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+
+    def _permutation(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=gen).tolist()
+
+    def take(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            permutation = self._permutation()
+            chunk = permutation[self.position : self.position + count - len(out)]
+            out += chunk
+            self.position += len(chunk)
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+# ------------------------------------------------------------------------------------------------------- the step
+class Step:
+    """One micro-batch: collate -> single policy forward -> loss inputs as declared -> ``LossOutput``."""
+
+    def __init__(self, loss_fn, pad_id: int, reference=None, regularization=None, reg_ratio: float = 1.0, seed=0):
+        req = loss_fn.requirements
+        self.loss_fn, self.pad_id, self.reference = loss_fn, pad_id, reference
+        self.regularization = regularization if "reg_logps" in req.inputs else None
+        self.reg_ratio, self.seed = reg_ratio, seed
+        carried = [*AUX_INPUTS] if "aux_rewards_chosen" in req.inputs else []
+        if req.needs_reference and reference is None:
+            carried += list(REFERENCE_INPUTS)  # precomputed: reference log-probs travel with the data
+        self.pair_inputs = carried
+
+    def batch(self, examples: list[dict], step: int, micro: int) -> Batch:
+        extra = []
+        if self.regularization is not None:
+            count = max(1, round(self.reg_ratio * len(examples)))
+            extra = sample_extra(self.regularization, count, seed=self.seed, step=step, micro=micro)
+        return collate(examples, self.pad_id, extra=extra, pair_inputs=self.pair_inputs), extra
+
+    def __call__(self, policy, batch: Batch, extra: list[dict]) -> losses.LossOutput:
+        logps = sequence_logps(policy, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        b = batch.n_pairs
+        inputs = {
+            "policy_chosen_logps": logps[:b],
+            "policy_rejected_logps": logps[b : 2 * b],
+            "chosen_lengths": batch.lengths[:b],
+            "rejected_lengths": batch.lengths[b : 2 * b],
+            **batch.inputs,
+        }
+        if extra:
+            inputs["reg_logps"], inputs["reg_lengths"] = logps[2 * b :], batch.lengths[2 * b :]
+            inputs["reg_ref_logps"] = torch.tensor([e["ref_logps"] for e in extra], device=logps.device)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = sequence_logps(
+                    self.reference,
+                    batch.input_ids[: 2 * b],
+                    batch.attention_mask[: 2 * b],
+                    batch.completion_mask[: 2 * b],
+                )
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref[:b], ref[b:]
+        return self.loss_fn(**inputs)
+
+
+# --------------------------------------------------------------------------------------------------- preparation
+def _check_providers(loss_fn: losses.BoundLoss) -> None:
+    known = set(losses.registry.STANDARD_INPUTS) | set(REGULARIZATION_INPUTS) | set(AUX_INPUTS)
+    missing = [name for name in loss_fn.requirements.inputs if name not in known]
+    if missing:
+        raise ConfigError(
+            f"loss '{loss_fn.name}' needs input(s) {', '.join(missing)}, which the offline trainer cannot provide"
+        )
+    if loss_fn.requirements.kind != "pair":
+        raise ConfigError(
+            f"loss '{loss_fn.name}' is a {loss_fn.requirements.kind} loss; the offline trainer trains "
+            "pairwise losses (use trainer=online)"
+        )
+
+
+def _attach_aux_rewards(data: PreparedData, names: list[str]) -> None:
+    """UPO's auxiliary rewards, computed once over every completion (train and eval jointly z-normalised)."""
+    if not names:
+        raise ConfigError("the loss needs auxiliary rewards: set aux_rewards to a list of reward names")
+    examples = data.train + data.eval
+    prompts = [e["prompt"] for e in examples] * 2
+    completions = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+    scores = rewards.score_completions(list(names), prompts, completions, normalize=True)  # [2N, K]
+    for i, example in enumerate(examples):
+        example["aux_rewards_chosen"] = scores[i].tolist()
+        example["aux_rewards_rejected"] = scores[len(examples) + i].tolist()
+
+
+def _embedded_corpus() -> list[str]:
+    train, evaluation = synthetic.make_preference_data(2000, 200, seed=0)
+    return synthetic.corpus(train + evaluation)
+
+
+def _metrics_line(step: int, out_metrics: dict[str, float], prefix: str = "") -> dict[str, Any]:
+    return {"step": step, **{f"{prefix}{k}": v for k, v in out_metrics.items()}}
+
+
+class _Averager:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, out: losses.LossOutput) -> None:
+        self.count += 1
+        for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def mean(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg.loss`` on ``cfg.data`` with ``cfg.model``; writes the run dir and returns the summary."""
+    started = time.time()
+    tcfg = cfg.trainer
+    run_dir = Path(run_dir or cfg.get("run_dir") or "outputs/run").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    loss_fn = build_loss(cfg.loss)
+    _check_providers(loss_fn)
+    req = loss_fn.requirements
+
+    micro = tcfg.micro_batch_size or tcfg.batch_size
+    accelerator = Accelerator(
+        mixed_precision=tcfg.mixed_precision, cpu=tcfg.cpu, log_with="tensorboard", project_dir=str(run_dir)
+    )
+    world = accelerator.num_processes
+    if tcfg.batch_size % (micro * world):
+        raise ConfigError(
+            f"trainer.batch_size={tcfg.batch_size} must be a multiple of micro_batch_size={micro} x {world} process(es)"
+        )
+    accumulation = tcfg.batch_size // (micro * world)
+    accelerator.gradient_accumulation_steps = accumulation
+    set_seed(tcfg.seed)
+
+    tokenizer = models.build_tokenizer(cfg.model, cache_dir, corpus=_embedded_corpus)
+    policy = models.build_model(cfg.model, tokenizer)
+    data = prepare_data(cfg.data, tokenizer)
+    fingerprint = models.model_fingerprint(cfg.model, policy)
+    device = accelerator.device
+    policy.to(device)
+
+    reference = None
+    if req.needs_reference:
+        if cfg.reference.mode == "live":
+            reference = frozen_copy(policy)
+        elif cfg.reference.mode == "precomputed":
+            for split, examples in (("train", data.train), ("eval", data.eval)):
+                key = cache_key("ref", fingerprint, data.fingerprint, split)
+                precompute_reference_logps(
+                    policy,
+                    examples,
+                    pad_id=tokenizer.pad_token_id,
+                    batch_size=2 * micro,
+                    device=device,
+                    cache=cache_dir / "reference" / f"{key}.safetensors",
+                )
+        else:
+            raise ConfigError(f"reference.mode must be precomputed or live, got {cfg.reference.mode!r}")
+    regularization = None
+    if "reg_logps" in req.inputs:
+        rcfg = cfg.regularization
+        key = cache_key("reg", fingerprint, data.fingerprint, OmegaConf.to_container(rcfg), tcfg.seed)
+        regularization = generate_regularization(
+            policy,
+            tokenizer,
+            [e["prompt_ids"] for e in data.train],
+            samples_per_prompt=rcfg.samples_per_prompt,
+            max_new_tokens=rcfg.max_new_tokens,
+            temperature=rcfg.temperature,
+            top_p=rcfg.top_p,
+            batch_size=rcfg.batch_size,
+            seed=tcfg.seed,
+            device=device,
+            cache=cache_dir / "regularization" / f"{key}.safetensors",
+        )
+        if not regularization:
+            raise ConfigError("no regularisation samples were generated (every sample was empty)")
+    if "aux_rewards_chosen" in req.inputs:
+        _attach_aux_rewards(data, list(cfg.aux_rewards or []))
+
+    optimizer = _optimizer(tcfg, policy)
+    scheduler = get_scheduler(
+        tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.max_steps
+    )
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    step_fn = Step(
+        loss_fn,
+        tokenizer.pad_token_id,
+        reference,
+        regularization,
+        reg_ratio=cfg.regularization.batch_ratio,
+        seed=tcfg.seed,
+    )
+    order = Order(len(data.train), tcfg.seed)
+    step = _resume(accelerator, tcfg.resume, run_dir, order)
+
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    accelerator.init_trackers("tensorboard")
+    metrics_path = run_dir / "metrics.jsonl"
+    log.info(
+        "loss %s: reference=%s extras=%s; %d train / %d eval pairs; accumulation %d",
+        loss_fn.name,
+        cfg.reference.mode if req.needs_reference else "none",
+        list(req.extras),
+        len(data.train),
+        len(data.eval),
+        accumulation,
+    )
+    summary: dict[str, Any] = {"loss_name": loss_fn.name, "reference_model": reference is not None}
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    bar = tqdm(
+        total=tcfg.max_steps,
+        initial=step,
+        disable=not accelerator.is_main_process or not tcfg.progress_bar,
+        desc=f"{loss_fn.name}",
+    )
+    policy.train()
+    while step < tcfg.max_steps:
+        indices = order.take(tcfg.batch_size)[accelerator.process_index :: world]
+        averager = _Averager()
+        for m in range(accumulation):
+            examples = [data.train[i] for i in indices[m * micro : (m + 1) * micro]]
+            batch, extra = step_fn.batch(examples, step, m)
+            with accelerator.accumulate(policy):
+                out = step_fn(policy, batch.to(device), extra)
+                accelerator.backward(out.loss)
+                grad_norm = None
+                if accelerator.sync_gradients and tcfg.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), tcfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            averager.add(out)
+        step += 1
+        last_train = _reduce(accelerator, averager.mean())
+        if grad_norm is not None:
+            last_train["grad_norm"] = float(grad_norm)
+        last_train["lr"] = scheduler.get_last_lr()[0]
+        last_train["epoch"] = order.epoch + order.position / len(data.train)
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            _log(accelerator, metrics_path, _metrics_line(step, last_train))
+        if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.max_steps) and data.eval:
+            last_eval = _evaluate(accelerator, policy, step_fn, data.eval, micro, step)
+            _log(accelerator, metrics_path, _metrics_line(step, last_eval, "eval/"))
+        if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
+            _save_checkpoint(accelerator, run_dir, step, order, tcfg.keep_last)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{last_train['loss']:.4f}",
+            margin=f"{last_train.get('rewards/margins', 0):.3f}",
+            acc=f"{last_train.get('rewards/accuracies', 0):.2f}",
+        )
+    bar.close()
+
+    final_dir = run_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(policy).save_pretrained(final_dir, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+    accelerator.end_training()
+    summary.update(
+        steps=step,
+        seconds=round(time.time() - started, 1),
+        train=last_train,
+        eval=last_eval,
+        run_dir=str(run_dir),
+        model_dir=str(final_dir),
+        metrics=str(metrics_path),
+        train_pairs=len(data.train),
+        eval_pairs=len(data.eval),
+        data_stats=data.stats,
+    )
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _optimizer(tcfg, model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tcfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.adam_betas))
+    if tcfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    raise ConfigError(f"trainer.optimizer must be adamw or rmsprop, got {tcfg.optimizer!r}")
+
+
+def _reduce(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), "mean")
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def _log(accelerator: Accelerator, path: Path, line: dict[str, Any]) -> None:
+    step = line["step"]
+    accelerator.log({k: v for k, v in line.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+    if accelerator.is_main_process:
+        with path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+
+@torch.no_grad()
+def _evaluate(accelerator, policy, step_fn: Step, examples: list[dict], micro: int, step: int) -> dict[str, float]:
+    """The same loss and metrics on the eval split (this process's shard), averaged over micro-batches."""
+    policy.eval()
+    averager = _Averager()
+    shard = examples[accelerator.process_index :: accelerator.num_processes]
+    for start in range(0, len(shard), micro):
+        batch, extra = step_fn.batch(shard[start : start + micro], step, -1 - start)
+        averager.add(step_fn(policy, batch.to(accelerator.device), extra))
+    policy.train()
+    return _reduce(accelerator, averager.mean())
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, order: Order, keep_last: int | None) -> None:
+    """``checkpoints/step-N``: written to a temporary dir, renamed when complete; old ones pruned after."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **order.state()}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep_last:
+            for old in sorted(_checkpoints(root), key=lambda p: int(p.name.split("-")[1]))[:-keep_last]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return (
+        [p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.json").exists()] if root.exists() else []
+    )
+
+
+def _resume(accelerator: Accelerator, resume: Any, run_dir: Path, order: Order) -> int:
+    """0 for a fresh run; else restore model, optimizer, scheduler, RNG and data position and return the step."""
+    if resume in (False, None, "false", "False"):
+        return 0
+    if resume in (True, "true", "True", "latest"):
+        found = _checkpoints(run_dir / "checkpoints")
+        if not found:
+            log.warning("trainer.resume=true but %s has no checkpoint; starting fresh", run_dir / "checkpoints")
+            return 0
+        path = max(found, key=lambda p: int(p.name.split("-")[1]))
+    else:
+        path = Path(str(resume))
+        if not (path / "trainer_state.json").exists():
+            raise ConfigError(f"trainer.resume={resume}: not a checkpoint directory (no trainer_state.json)")
+    accelerator.load_state(str(path))
+    state = json.loads((path / "trainer_state.json").read_text())
+    order.epoch, order.position = state["epoch"], state["position"]
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The few lines printed at the end of a run."""
+    evaluation, train_metrics = summary.get("eval") or {}, summary.get("train") or {}
+    lines = [f"prefopt: trained {summary['loss_name']} for {summary['steps']} steps in {summary['seconds']}s"]
+    lines.append(f"  final train loss {train_metrics.get('loss', math.nan):.4f}")
+    for key in SUMMARY_KEYS:
+        if key in evaluation or key in train_metrics:
+            lines.append(
+                f"  {key}: eval {evaluation.get(key, math.nan):.4f}  train {train_metrics.get(key, math.nan):.4f}"
+            )
+    lines.append(f"  model: {summary['model_dir']}")
+    lines.append(f"  metrics: {summary['metrics']}")
+    lines.append(f"run dir: {summary['run_dir']}")
+    return "\n".join(lines)
