@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["train", "compose"]
+__all__ = ["fit", "compose"]
 
 
-def train(cfg: Any, run_dir: str | None = None) -> dict:
-    """Train with a composed config (see ``compose``); returns the run summary. For notebooks and scripts."""
+def fit(cfg: Any, run_dir: str | None = None) -> dict:
+    """Train with a composed config (see ``compose``); returns the run summary. For notebooks and scripts.
+
+    (Named ``fit`` because ``prefopt.train`` is the module behind ``python -m prefopt.train``.)"""
     from prefopt.trainer import train as _train
 
     return _train(cfg, run_dir=run_dir)

@@ -36,7 +36,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def run(tmp_path: Path, cache_dir: Path, *overrides: str, name: str = "run") -> dict:
     cfg = prefopt.compose([*TINY, f"cache_dir={cache_dir}", *overrides])
-    return prefopt.train(cfg, run_dir=tmp_path / name)
+    return prefopt.fit(cfg, run_dir=tmp_path / name)
 
 
 def metrics(summary: dict, prefix: str = "") -> list[dict]:
@@ -98,9 +98,12 @@ def test_default_run_learns_the_preference(tmp_path, cache_dir):
         cache_dir,
         "trainer.max_steps=40",
         "trainer.eval_every=20",
-        "data.n_train=320",
+        "data.n_train=640",
         "data.n_eval=64",
         "trainer.batch_size=16",
+        "model.vocab_size=512",
+        "data.max_length=64",
+        "data.max_prompt_length=24",
     )
     evals = [line for line in metrics(summary) if "eval/rewards/accuracies" in line]
     assert evals[-1]["eval/rewards/accuracies"] >= 0.75, evals
