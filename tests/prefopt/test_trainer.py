@@ -10,23 +10,20 @@ import losses
 import prefopt
 from prefopt import trainer as trainer_module
 
-TINY = [
+TINY_MODEL = [
     "model.vocab_size=256",
     "model.config.hidden_size=32",
     "model.config.intermediate_size=64",
     "model.config.num_hidden_layers=1",
     "model.config.num_attention_heads=2",
     "model.config.num_key_value_heads=1",
-    "data.n_train=48",
-    "data.n_eval=16",
-    "data.max_length=40",
-    "data.max_prompt_length=12",
     "trainer.batch_size=8",
     "trainer.warmup_steps=0",
     "trainer.eval_every=0",
     "trainer.progress_bar=false",
     "regularization.max_new_tokens=8",
 ]
+TINY = [*TINY_MODEL, "data.n_train=48", "data.n_eval=16", "data.max_length=40", "data.max_prompt_length=12"]
 
 
 @pytest.fixture(scope="module")
