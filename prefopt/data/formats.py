@@ -111,7 +111,15 @@ def _from_conversational(at: _Row, tokenizer: Any) -> dict[str, str]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise at.error(None, "conversational data (lists of messages) needs a tokenizer with a chat template")
     chosen, rejected = _messages(at, "chosen"), _messages(at, "rejected")
-    if at.data.get("prompt") is None:
+    prompt_value = at.data.get("prompt")
+    if isinstance(prompt_value, str) and prompt_value.strip():
+        # UltraFeedback-binarized style: a string prompt beside message lists that (usually) repeat it as their
+        # first turn. Use the shared leading messages when there are any, else the string as the user turn.
+        if _shared_prefix_len(chosen, rejected) and chosen != rejected:
+            prompt, start = _shared_leading_messages(at, chosen, rejected)
+        else:
+            prompt, start = [{"role": "user", "content": prompt_value}], 0
+    elif prompt_value is None:
         prompt, start = _shared_leading_messages(at, chosen, rejected)
     else:
         prompt, start = _messages(at, "prompt"), 0

@@ -154,11 +154,6 @@ BAD_CONVERSATIONS = {
         "prompt",
         "message 1 must be an object",
     ),
-    "string prompt with message completions": (
-        {"prompt": "w1", "chosen": [assistant("w2")], "rejected": [assistant("w3")]},
-        "prompt",
-        "must be a list of messages",
-    ),
     "string completion beside messages": (
         {"prompt": [user("w1")], "chosen": "w2", "rejected": [assistant("w3")]},
         "chosen",
@@ -283,3 +278,18 @@ def test_to_standard_returns_three_strings_or_raises_data_error(row: Any, tokeni
     assert set(pair) == {"prompt", "chosen", "rejected"}
     assert all(isinstance(value, str) and value.strip() for value in pair.values())
     assert pair["chosen"] != pair["rejected"]
+
+
+def test_string_prompt_beside_message_lists_ultrafeedback_style(tokenizer):
+    """UltraFeedback-binarized: a string prompt and message lists that repeat it as the first user turn."""
+    row = {"prompt": "w1", "chosen": [user("w1"), assistant("w2")], "rejected": [user("w1"), assistant("w3")]}
+    pair = to_standard(row, source="uf.jsonl", index=0, tokenizer=tokenizer)
+    explicit = to_standard(
+        {"prompt": [user("w1")], "chosen": [assistant("w2")], "rejected": [assistant("w3")]},
+        source="uf.jsonl",
+        index=0,
+        tokenizer=tokenizer,
+    )
+    assert pair == explicit
+    bare = {"prompt": "w1", "chosen": [assistant("w2")], "rejected": [assistant("w3")]}
+    assert to_standard(bare, source="uf.jsonl", index=0, tokenizer=tokenizer) == explicit
