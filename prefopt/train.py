@@ -12,6 +12,7 @@ and exit with code 2; a traceback means a bug.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as error:
         print(f"prefopt-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(format_summary(summary))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
 
 
 if __name__ == "__main__":

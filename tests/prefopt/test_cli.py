@@ -107,3 +107,35 @@ def test_local_conversational_and_hh_files_train(tmp_path, layout):
     summary = prefopt.fit(cfg, run_dir=tmp_path / "run")
     assert summary["train_pairs"] == 18 and summary["eval_pairs"] == 6
     assert summary["steps"] == 2
+
+
+def test_two_processes_log_the_same_losses_as_one(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` (gloo DDP) with the same global batch: same loss per step."""
+    common = ["trainer.max_steps=4", "trainer.warmup_steps=0", *TINY, f"cache_dir={tmp_path}/c"]
+    single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "prefopt.train",
+    ]
+    double = subprocess.run(
+        [*launch, *common, f"hydra.run.dir={tmp_path}/two"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert double.returncode == 0, double.stderr[-2000:]
+    assert double.stdout.count("run dir: ") == 1  # the summary is printed once, by rank 0
+    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, abs=1e-4)
