@@ -38,7 +38,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from prefopt.trainer import format_summary, train
+    from prefopt.trainer import NonFiniteTraining, format_summary, train
 
     logging.getLogger("prefopt").setLevel(logging.INFO)
     try:
@@ -46,9 +46,47 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as error:
         print(f"prefopt-train: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteTraining as error:
+        print(f"prefopt-train: {error}", file=sys.stderr)
+        sys.exit(3)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
 
 
-if __name__ == "__main__":
+def _sweep_variants(arguments: list[str]) -> list[list[str]]:
+    """Override lists that together touch every value of every sweep (``loss=dpo,ipo`` -> one list per loss), each
+    with the first value of the other sweeps; empty for other Hydra flags (--cfg, --info, -c: left to Hydra)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in arguments):
+        return []
+    parsed = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
+    values = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        for o in parsed
+    ]
+    first = [options[0] for options in values]
+    variants = [first]
+    for i, options in enumerate(values):
+        variants += [[*first[:i], option, *first[i + 1 :]] for option in options[1:]]
+    return variants
+
+
+def cli() -> None:
+    """Console entry point: config errors Hydra would report with exit code 1 (unknown group option or key, bad
+    override syntax) print one line and exit 2, like every other user error; then run the Hydra app."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        for overrides in _sweep_variants(sys.argv[1:]):
+            compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        message = " ".join(str(error).split("Config search path")[0].split())
+        print(f"prefopt-train: error: {message}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,6 +6,7 @@ the loss's declaration (``losses.get(...).requirements``); nothing here branches
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -193,8 +194,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
         raise ConfigError(
             f"trainer.batch_size={tcfg.batch_size} must be a multiple of micro_batch_size={micro} x {world} process(es)"
         )
-    accumulation = tcfg.batch_size // (micro * world)
-    accelerator.gradient_accumulation_steps = accumulation
+    accumulation = tcfg.batch_size // (micro * world)  # micro-batches per optimizer step, per process
     set_seed(tcfg.seed)
 
     tokenizer = models.build_tokenizer(cfg.model, cache_dir, corpus=_embedded_corpus)
@@ -247,6 +247,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     scheduler = get_scheduler(
         tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.max_steps
     )
+    # accelerate checkpoints the prepared scheduler (loaded with weights_only=True); it is stepped below through
+    # `.scheduler`, once per optimizer step, because the wrapper would step it once per process.
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     step_fn = Step(
         loss_fn,
@@ -257,11 +259,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
         seed=tcfg.seed,
     )
     order = Order(len(data.train), tcfg.seed)
+    metrics_path = run_dir / "metrics.jsonl"
     step = _resume(accelerator, tcfg.resume, run_dir, order)
+    _truncate_metrics(accelerator, metrics_path, step)
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     accelerator.init_trackers("tensorboard")
-    metrics_path = run_dir / "metrics.jsonl"
     log.info(
         "loss %s: reference=%s extras=%s; %d train / %d eval pairs; accumulation %d",
         loss_fn.name,
@@ -274,6 +277,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"loss_name": loss_fn.name, "reference_model": reference is not None}
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
+    guard = NonFiniteGuard(tcfg.max_nonfinite_steps)
     bar = tqdm(
         total=tcfg.max_steps,
         initial=step,
@@ -283,28 +287,35 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     policy.train()
     while step < tcfg.max_steps:
         indices = order.take(tcfg.batch_size)[accelerator.process_index :: world]
-        averager = _Averager()
-        for m in range(accumulation):
-            examples = [data.train[i] for i in indices[m * micro : (m + 1) * micro]]
-            batch, extra = step_fn.batch(examples, step, m)
-            with accelerator.accumulate(policy):
-                out = step_fn(policy, batch.to(device), extra)
-                accelerator.backward(out.loss)
-                grad_norm = None
-                if accelerator.sync_gradients and tcfg.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), tcfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            averager.add(out)
+        micro_batches = [[data.train[i] for i in indices[m * micro : (m + 1) * micro]] for m in range(accumulation)]
+        averager, problem = _accumulate(accelerator, policy, step_fn, micro_batches, step)
+        grad_norm = _grad_norm(accelerator, policy, tcfg.max_grad_norm) if problem is None else None
+        if problem is None and not math.isfinite(grad_norm):
+            problem = f"non-finite gradient norm ({grad_norm})"
+        problem = _agree(accelerator, problem)
         step += 1
-        last_train = _reduce(accelerator, averager.mean())
-        if grad_norm is not None:
-            last_train["grad_norm"] = float(grad_norm)
-        last_train["lr"] = scheduler.get_last_lr()[0]
-        last_train["epoch"] = order.epoch + order.position / len(data.train)
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            _log(accelerator, metrics_path, _metrics_line(step, last_train))
+        if problem is None:
+            optimizer.step()
+            scheduler.scheduler.step()
+            guard.ok()
+            line = last_train = {**_reduce(accelerator, averager.mean()), "grad_norm": grad_norm}
+        elif guard.skip(step, problem):
+            optimizer.zero_grad()
+            _save_checkpoint(accelerator, run_dir, step, order, tcfg.keep_last)
+            raise NonFiniteTraining(
+                f"stopped at step {step}: {guard.consecutive} steps in a row had {problem}; checkpoint saved in "
+                f"{run_dir / 'checkpoints' / f'step-{step}'}"
+            )
+        else:
+            line = {"skipped": 1}
+        optimizer.zero_grad()
+        line.update(
+            lr=scheduler.get_last_lr()[0],
+            nonfinite_steps=guard.total,
+            epoch=order.epoch + order.position / len(data.train),
+        )
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps or "skipped" in line:
+            _log(accelerator, metrics_path, _metrics_line(step, line))
         if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.max_steps) and data.eval:
             last_eval = _evaluate(accelerator, policy, step_fn, data.eval, micro, step)
             _log(accelerator, metrics_path, _metrics_line(step, last_eval, "eval/"))
@@ -312,11 +323,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
             _save_checkpoint(accelerator, run_dir, step, order, tcfg.keep_last)
         bar.update(1)
         bar.set_postfix(
-            loss=f"{last_train['loss']:.4f}",
+            loss=f"{last_train.get('loss', math.nan):.4f}",
             margin=f"{last_train.get('rewards/margins', 0):.3f}",
             acc=f"{last_train.get('rewards/accuracies', 0):.2f}",
         )
     bar.close()
+    summary["nonfinite_steps"] = guard.total
 
     final_dir = run_dir / "final"
     accelerator.wait_for_everyone()
@@ -339,6 +351,72 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient; a checkpoint was saved."""
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; ``skip`` returns True once ``limit`` steps in a row were skipped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.total, self.consecutive = limit, 0, 0
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def skip(self, step: int, problem: str) -> bool:
+        self.total += 1
+        self.consecutive += 1
+        log.warning(
+            "step %d skipped: %s (%d skipped in total, %d in a row)", step, problem, self.total, self.consecutive
+        )
+        return bool(self.limit) and self.consecutive >= self.limit
+
+
+def _accumulate(accelerator, policy, step_fn: Step, micro_batches: list[list[dict]], step: int):
+    """Forward + backward over the micro-batches of one optimizer step (gradients synchronised on the last only).
+
+    A non-finite loss input or value (``losses.NonFiniteError``) does not stop the loop: the micro-batch backpropagates
+    a zero through every parameter instead, so all processes run the same collective calls, and the problem is
+    returned for the step to be skipped."""
+    averager, problem = _Averager(), None
+    for m, examples in enumerate(micro_batches):
+        batch, extra = step_fn.batch(examples, step, m)
+        last = m == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(policy):
+            try:
+                out = step_fn(policy, batch.to(accelerator.device), extra)
+                loss = out.loss / len(micro_batches)
+                averager.add(out)
+            except losses.NonFiniteError as error:
+                problem = problem or f"a non-finite loss ({error})"
+                loss = sum(p.sum() * 0.0 for p in policy.parameters() if p.requires_grad)
+            accelerator.backward(loss)
+    return averager, problem
+
+
+def _grad_norm(accelerator: Accelerator, policy, max_grad_norm: float) -> float:
+    """Total gradient norm (clipped to ``max_grad_norm`` when > 0); non-finite norms are reported, not clipped."""
+    norm = accelerator.clip_grad_norm_(policy.parameters(), max_grad_norm if max_grad_norm else math.inf)
+    return float(norm)
+
+
+def _agree(accelerator: Accelerator, problem: str | None) -> str | None:
+    """Skip the step on every process if any process saw a problem (they must take the same branch)."""
+    if accelerator.num_processes == 1:
+        return problem
+    flag = accelerator.reduce(torch.tensor([float(problem is not None)], device=accelerator.device), "sum")
+    return problem or ("a non-finite value on another process" if flag.item() > 0 else None)
+
+
+def _truncate_metrics(accelerator: Accelerator, path: Path, step: int) -> None:
+    """On resume, drop the lines a killed run logged after its checkpoint, so each step is logged once."""
+    if not accelerator.is_main_process or not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
 
 
 def _optimizer(tcfg, model) -> torch.optim.Optimizer:

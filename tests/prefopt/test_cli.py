@@ -111,7 +111,7 @@ def test_local_conversational_and_hh_files_train(tmp_path, layout):
 
 def test_two_processes_log_the_same_losses_as_one(tmp_path):
     """`accelerate launch --cpu --num_processes 2` (gloo DDP) with the same global batch: same loss per step."""
-    common = ["trainer.max_steps=4", "trainer.warmup_steps=0", *TINY, f"cache_dir={tmp_path}/c"]
+    common = [*TINY, "trainer.max_steps=6", "trainer.warmup_steps=2", "trainer.lr=0.01", f"cache_dir={tmp_path}/c"]
     single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     launch = [
@@ -135,7 +135,8 @@ def test_two_processes_log_the_same_losses_as_one(tmp_path):
     )
     assert double.returncode == 0, double.stderr[-2000:]
     assert double.stdout.count("run dir: ") == 1  # the summary is printed once, by rank 0
-    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert len(one) == len(two) == 4
-    assert two == pytest.approx(one, abs=1e-4)
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 6
+    assert [x["loss"] for x in two] == pytest.approx([x["loss"] for x in one], abs=1e-4)
+    assert [x["lr"] for x in two] == [x["lr"] for x in one]  # the schedule advances once per step, not per process
