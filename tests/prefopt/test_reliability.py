@@ -144,3 +144,29 @@ def test_bad_configs_are_one_line_with_exit_code_2(tmp_path, arguments, message)
 def test_compose_matches_the_cli_defaults():
     cfg = prefopt.compose([])
     assert cfg.loss.name == "dpo" and cfg.trainer.max_nonfinite_steps == 5
+
+
+def test_resume_loads_checkpoints_with_weights_only(tmp_path, monkeypatch):
+    """Security default: every torch.load on the resume path runs with weights_only=True (no pickle execution)."""
+    run(tmp_path, tmp_path / "c", "trainer.max_steps=3", "trainer.save_every=2", name="first")
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-2"
+    run(tmp_path, tmp_path / "c", "trainer.max_steps=3", f"trainer.resume={checkpoint}", name="second")
+    assert calls and all(flag is True for flag in calls), calls
+
+
+def test_security_defaults_in_source_and_configs():
+    root = Path(__file__).resolve().parents[2]
+    for path in [*root.glob("prefopt/**/*.py"), *root.glob("losses/**/*.py")]:
+        text = path.read_text()
+        assert "import pickle" not in text, path
+        assert "torch.load(" not in text or "weights_only=True" in text, path
+    for path in root.glob("conf/model/*.yaml"):
+        assert "trust_remote_code: false" in path.read_text(), path
