@@ -6,6 +6,7 @@ are logged on the ``prefopt.data`` logger: one warning with the count, and a deb
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from pathlib import Path
@@ -49,12 +50,25 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: no rows")
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _no_download_counts():
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets surfaces pyarrow, pandas and json errors of many types
         if _NO_DATA in str(exc):
             raise DataError(f"{path}: no rows") from exc
         raise DataError(f"{path}: cannot be read as {builder}: {first_line(_root_cause(exc))}") from exc
     return dataset.to_list()
+
+
+@contextlib.contextmanager
+def _no_download_counts():
+    """A local file needs no network, but ``datasets`` pings the hub to count a download of its packaged builder
+    (a HEAD request that can stall for seconds offline); switch that off while loading."""
+    saved = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = saved
 
 
 def load_pairs(

@@ -33,7 +33,7 @@ AUX_REWARDS = st.floats(min_value=-5.0, max_value=5.0)  # z-normalised designer 
 DELTAS = st.floats(min_value=1e-3, max_value=100.0)  # a positive increase of policy_chosen_logps
 
 FAST = settings(max_examples=20, deadline=None)
-LAWS = settings(max_examples=40, deadline=None)
+LAWS = settings(max_examples=30, deadline=None)
 
 STANDARD = (
     "policy_chosen_logps",
