@@ -150,11 +150,6 @@ def _attach_aux_rewards(data: PreparedData, names: list[str]) -> None:
         example["aux_rewards_rejected"] = scores[len(examples) + i].tolist()
 
 
-def _embedded_corpus() -> list[str]:
-    train, evaluation = synthetic.make_preference_data(2000, 200, seed=0)
-    return synthetic.corpus(train + evaluation)
-
-
 def _metrics_line(step: int, out_metrics: dict[str, float], prefix: str = "") -> dict[str, Any]:
     return {"step": step, **{f"{prefix}{k}": v for k, v in out_metrics.items()}}
 
@@ -197,7 +192,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     accumulation = tcfg.batch_size // (micro * world)  # micro-batches per optimizer step, per process
     set_seed(tcfg.seed)
 
-    tokenizer = models.build_tokenizer(cfg.model, cache_dir, corpus=_embedded_corpus)
+    tokenizer = models.build_tokenizer(cfg.model, cache_dir, corpus=synthetic.default_corpus)
     policy = models.build_model(cfg.model, tokenizer)
     data = prepare_data(cfg.data, tokenizer)
     fingerprint = models.model_fingerprint(cfg.model, policy)
