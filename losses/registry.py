@@ -165,11 +165,6 @@ class LossSpec:
             return self.requires(self.validate(hparams or {}))
         return Requirements(inputs=self.inputs, optional_inputs=self.optional_inputs, kind=self.kind)
 
-    @property
-    def needs_reference(self) -> bool:
-        """For the default hyper-parameters; a bound loss answers for its own."""
-        return self.requirements().needs_reference
-
 
 # ------------------------------------------------------------------------------------------------- finite checks
 def set_finite_checks(enabled: bool) -> None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import losses
+from losses.registry import REFERENCE_INPUTS, STANDARD_INPUTS
 from prefopt import models, rewards, synthetic
 from prefopt.batching import Batch, collate
 from prefopt.dataset import PreparedData, prepare_data
@@ -35,7 +36,6 @@ __all__ = ["train", "build_loss", "Step"]
 
 log = logging.getLogger("prefopt")
 
-REFERENCE_INPUTS = ("ref_chosen_logps", "ref_rejected_logps")
 REGULARIZATION_INPUTS = ("reg_logps", "reg_lengths", "reg_ref_logps")
 AUX_INPUTS = ("aux_rewards_chosen", "aux_rewards_rejected")
 SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins")
@@ -90,7 +90,7 @@ class Step:
             carried += list(REFERENCE_INPUTS)  # precomputed: reference log-probs travel with the data
         self.pair_inputs = carried
 
-    def batch(self, examples: list[dict], step: int, micro: int) -> Batch:
+    def batch(self, examples: list[dict], step: int, micro: int) -> tuple[Batch, list[dict]]:
         extra = []
         if self.regularization is not None:
             count = max(1, round(self.reg_ratio * len(examples)))
@@ -124,7 +124,7 @@ class Step:
 
 # --------------------------------------------------------------------------------------------------- preparation
 def _check_providers(loss_fn: losses.BoundLoss) -> None:
-    known = set(losses.registry.STANDARD_INPUTS) | set(REGULARIZATION_INPUTS) | set(AUX_INPUTS)
+    known = set(STANDARD_INPUTS) | set(REGULARIZATION_INPUTS) | set(AUX_INPUTS)
     missing = [name for name in loss_fn.requirements.inputs if name not in known]
     if missing:
         raise ConfigError(
@@ -155,17 +155,24 @@ def _metrics_line(step: int, out_metrics: dict[str, float], prefix: str = "") ->
 
 
 class _Averager:
+    """Mean of the loss and metrics over micro-batches, kept as tensors: one host transfer per step, not per metric."""
+
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
 
     def add(self, out: losses.LossOutput) -> None:
         self.count += 1
         for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            value = value.detach().double()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
 
     def mean(self) -> dict[str, float]:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        values = (torch.stack([self.sums[k] for k in keys]) / self.count).tolist()
+        return dict(zip(keys, values, strict=True))
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
