@@ -6,6 +6,9 @@
     out = fn(policy_chosen_logps=..., policy_rejected_logps=..., ref_chosen_logps=..., ref_rejected_logps=...)
     out.loss, out.per_example, out.metrics
 
+Group losses (kind "group", K sampled completions per prompt: ``rloo``) take ``policy_logps, ref_logps, rewards,
+lengths`` (``GROUP_INPUTS``), each ``[G, K]``, instead of the pairwise inputs.
+
 Depends on torch only. Third-party packages register more losses through the ``prefopt.losses`` entry-point group.
 """
 
@@ -25,8 +28,19 @@ from losses.dpo import cdpo_loss, discopop_loss, dpo_loss, hinge_loss, robust_lo
 from losses.ipo import ipo_loss, sppo_hard_loss
 from losses.mpo import mpo_loss
 from losses.pairwise import apo_down_loss, apo_zero_loss, bco_pair_loss, exo_pair_loss, nca_pair_loss
+from losses.policy_gradient import rloo_loss
 from losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
-from losses.registry import BoundLoss, LossSpec, Requirements, available, get, register, set_finite_checks, spec
+from losses.registry import (
+    GROUP_INPUTS,
+    BoundLoss,
+    LossSpec,
+    Requirements,
+    available,
+    get,
+    register,
+    set_finite_checks,
+    spec,
+)
 from losses.upo import upo_loss
 
 __all__ = [
@@ -66,6 +80,8 @@ __all__ = [
     "mpo_loss",
     "upo_loss",
     "combo_loss",
+    "rloo_loss",
+    "GROUP_INPUTS",
     "alarm",
     "AlarmReward",
     "alarm_reward",

@@ -7,6 +7,9 @@ A loss function's signature *is* its declaration:
   rejected_lengths``; any other name is a method-specific extra (``reg_logps``, ``aux_rewards_chosen`` ...);
 * keyword-only parameters (after ``*``) are hyper-parameters with their defaults.
 
+Group losses (``kind="group"``, k sampled completions per prompt, e.g. ``rloo``) take the group inputs
+``policy_logps, ref_logps, rewards, lengths``, each ``[G, K]``, in place of the pairwise ones.
+
 So a trainer reads ``needs_reference``, ``extras`` and ``kind`` from ``losses.get(name).requirements`` and builds its
 batch (and skips the reference model) from that alone. Composite losses (``upo``, ``combo``) take ``**inputs`` and
 give a ``requires`` hook that derives their needs from their hyper-parameters (e.g. ``upo`` over ``simpo`` needs no
@@ -31,6 +34,7 @@ from losses._common import HyperParameterError, LossOutput, MissingInputError, N
 __all__ = [
     "STANDARD_INPUTS",
     "REFERENCE_INPUTS",
+    "GROUP_INPUTS",
     "Requirements",
     "LossSpec",
     "BoundLoss",
@@ -45,11 +49,14 @@ __all__ = [
     "one_of",
     "optional",
     "lengths_if",
+    "required_if",
 ]
 
 REFERENCE_INPUTS = ("ref_chosen_logps", "ref_rejected_logps")
 LENGTH_INPUTS = ("chosen_lengths", "rejected_lengths")
 STANDARD_INPUTS = ("policy_chosen_logps", "policy_rejected_logps", *REFERENCE_INPUTS, *LENGTH_INPUTS)
+GROUP_INPUTS = ("policy_logps", "ref_logps", "rewards", "lengths")  # kind "group": each [G prompts, K samples]
+_BATCH_INPUTS = (*STANDARD_INPUTS, *GROUP_INPUTS)  # what a trainer passes to any loss; dropped when unused
 KINDS = ("pair", "group")
 ENTRY_POINT_GROUP = "prefopt.losses"
 
@@ -112,20 +119,20 @@ class Requirements:
     kind: str  # "pair" (chosen vs rejected) or "group" (k samples per prompt)
 
     @property
-    def needs_reference(self) -> bool:  # ref_chosen_logps / ref_rejected_logps
-        return set(REFERENCE_INPUTS) <= set(self.inputs)
+    def needs_reference(self) -> bool:  # ref_chosen_logps / ref_rejected_logps, or a group loss's ref_logps
+        return set(REFERENCE_INPUTS) <= set(self.inputs) or "ref_logps" in self.inputs
 
     @property
-    def needs_lengths(self) -> bool:  # chosen_lengths / rejected_lengths
-        return bool(set(LENGTH_INPUTS) & set(self.inputs))
+    def needs_lengths(self) -> bool:  # chosen_lengths / rejected_lengths, or a group loss's lengths
+        return bool(set(LENGTH_INPUTS) & set(self.inputs)) or "lengths" in self.inputs
 
     @property
     def extras(self) -> tuple[str, ...]:  # required method-specific inputs
-        return tuple(n for n in self.inputs if n not in STANDARD_INPUTS)
+        return tuple(n for n in self.inputs if n not in _BATCH_INPUTS)
 
     @property
     def optional_extras(self) -> tuple[str, ...]:
-        return tuple(n for n in self.optional_inputs if n not in STANDARD_INPUTS)
+        return tuple(n for n in self.optional_inputs if n not in _BATCH_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -276,8 +283,9 @@ class BoundLoss:
     """A registered loss with validated hyper-parameters: call it with keyword tensor inputs.
 
     Standard inputs the loss does not use (lengths for DPO, reference log-probs for a reference-free loss) are
-    dropped, so one trainer can pass the same batch to any loss; an unknown extra name is an error (a typo would
-    otherwise be ignored silently).
+    dropped, so one trainer can pass the same batch to any loss; so are the group inputs (``GROUP_INPUTS``), so a
+    trainer can pass the same four ``[G, K]`` tensors to any group loss. An unknown extra name is an error (a typo
+    would otherwise be ignored silently).
     """
 
     def __init__(self, spec_: LossSpec, hparams: Mapping[str, Any]):
@@ -296,7 +304,7 @@ class BoundLoss:
         missing = [n for n in req.inputs if inputs.get(n) is None]
         if missing:
             raise MissingInputError(f"loss '{self.name}' needs input(s) {', '.join(missing)}")
-        known = set(STANDARD_INPUTS) | set(req.inputs) | set(req.optional_inputs)
+        known = set(_BATCH_INPUTS) | set(req.inputs) | set(req.optional_inputs)
         unknown = sorted(set(inputs) - known)
         if unknown:
             raise MissingInputError(
@@ -313,13 +321,15 @@ class BoundLoss:
         return f"losses.get({self.name!r}, {args})"
 
 
-def lengths_if(flag: str) -> Callable[[Mapping[str, Any]], Requirements]:
-    """A ``requires`` hook for losses whose signature has optional lengths that hyper-parameter ``flag`` makes
-    necessary (``ipo`` with ``length_normalize=true``)."""
+def required_if(
+    condition: Callable[[Mapping[str, Any]], bool], names: tuple[str, ...]
+) -> Callable[[Mapping[str, Any]], Requirements]:
+    """A ``requires`` hook for losses whose signature has optional inputs ``names`` that become required when
+    ``condition(hparams)`` holds (``rloo`` needs ``ref_logps`` only when ``kl_coef > 0``)."""
 
     def requires(hparams: Mapping[str, Any]) -> Requirements:
         loss_spec = next(s for s in _REGISTRY.values() if s.requires is requires)
-        moved = LENGTH_INPUTS if hparams[flag] else ()
+        moved = names if condition(hparams) else ()
         return Requirements(
             inputs=loss_spec.inputs + tuple(n for n in loss_spec.optional_inputs if n in moved),
             optional_inputs=tuple(n for n in loss_spec.optional_inputs if n not in moved),
@@ -327,6 +337,12 @@ def lengths_if(flag: str) -> Callable[[Mapping[str, Any]], Requirements]:
         )
 
     return requires
+
+
+def lengths_if(flag: str) -> Callable[[Mapping[str, Any]], Requirements]:
+    """A ``requires`` hook for losses whose signature has optional lengths that hyper-parameter ``flag`` makes
+    necessary (``ipo`` with ``length_normalize=true``)."""
+    return required_if(lambda hparams: bool(hparams[flag]), LENGTH_INPUTS)
 
 
 def _load_plugins() -> None:

@@ -20,9 +20,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefopt.batching import collate
+from prefopt.generation import sample_completions
 from prefopt.logps import sequence_logps
 
-__all__ = ["frozen_copy", "precompute_reference_logps", "generate_regularization", "sample_extra", "cache_key"]
+__all__ = [
+    "logps_of",
+    "frozen_copy",
+    "precompute_reference_logps",
+    "generate_regularization",
+    "sample_extra",
+    "cache_key",
+]
 
 
 def cache_key(*parts: object) -> str:
@@ -42,7 +50,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 @torch.no_grad()
-def _logps_of(model, sequences: Sequence[dict], pad_id: int, batch_size: int, device) -> torch.Tensor:
+def logps_of(model, sequences: Sequence[dict], pad_id: int, batch_size: int, device) -> torch.Tensor:
     """Summed log-probs of ``(prompt_ids, completion_ids)`` sequences under ``model``, fp32 [N]."""
     was_training = model.training
     model.eval()
@@ -67,7 +75,7 @@ def precompute_reference_logps(
             for key in ("chosen_ids", "rejected_ids")
             for e in examples
         ]
-        logps = _logps_of(model, sequences, pad_id, batch_size, device)
+        logps = logps_of(model, sequences, pad_id, batch_size, device)
         stored = {"chosen": logps[: len(examples)], "rejected": logps[len(examples) :]}
         _save_atomic(stored, cache)
     if stored["chosen"].numel() != len(examples):
@@ -97,35 +105,19 @@ def generate_regularization(
         stored = load_file(str(cache))
         return _unpack(stored)
     unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)] * samples_per_prompt
-    samples: list[dict] = []
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(unique), batch_size):
-            chunk = unique[start : start + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, prompt in enumerate(chunk):
-                ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=True,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for prompt, new in zip(chunk, out[:, width:].tolist(), strict=True):
-                completion = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
-                if completion:
-                    samples.append({"prompt_ids": prompt, "completion_ids": completion})
-    model.train(was_training)
-    ref = _logps_of(model, samples, tokenizer.pad_token_id, batch_size, device)
+    completions = sample_completions(
+        model,
+        tokenizer,
+        unique,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+    )
+    samples = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(unique, completions, strict=True) if c]
+    ref = logps_of(model, samples, tokenizer.pad_token_id, batch_size, device)
     for sample, value in zip(samples, ref.tolist(), strict=True):
         sample["ref_logps"] = value
     _save_atomic(_pack(samples), cache)

@@ -28,12 +28,12 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (DataError, ConfigError, losses.LossError, FileNotFoundError)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
     """The config ``prefopt-train OVERRIDES`` would run (Hydra's compose API), for notebooks and tests."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from einops import rearrange
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -31,49 +33,24 @@ from prefopt.dataset import PreparedData, prepare_data
 from prefopt.errors import ConfigError
 from prefopt.logps import sequence_logps
 from prefopt.reference import cache_key, frozen_copy, generate_regularization, precompute_reference_logps, sample_extra
+from prefopt.scoring import build_scorer
+from prefopt.sources import OfflineSource, OnlineSource, unique_prompts
+from prefopt.warm_start import warm_start
 
-__all__ = ["train", "build_loss", "Step"]
+__all__ = ["train", "build_loss", "Step", "GroupStep"]
 
 log = logging.getLogger("prefopt")
 
 REGULARIZATION_INPUTS = ("reg_logps", "reg_lengths", "reg_ref_logps")
 AUX_INPUTS = ("aux_rewards_chosen", "aux_rewards_rejected")
-SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins")
+SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins", "reward/mean", "kl")
+GROUP_INPUTS = ("policy_logps", "ref_logps", "rewards", "lengths")
 
 
 def build_loss(loss_cfg) -> losses.BoundLoss:
     hparams = OmegaConf.to_container(loss_cfg, resolve=True) if OmegaConf.is_config(loss_cfg) else dict(loss_cfg)
     name = hparams.pop("name")
     return losses.get(name, **hparams)
-
-
-# ------------------------------------------------------------------------------------------------------ data order
-@dataclass
-class Order:
-    """Seeded permutation per epoch; (epoch, position) is the resumable data position."""
-
-    size: int
-    seed: int
-    epoch: int = 0
-    position: int = 0
-
-    def _permutation(self) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=gen).tolist()
-
-    def take(self, count: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < count:
-            permutation = self._permutation()
-            chunk = permutation[self.position : self.position + count - len(out)]
-            out += chunk
-            self.position += len(chunk)
-            if self.position >= self.size:
-                self.epoch, self.position = self.epoch + 1, 0
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
 
 
 # ------------------------------------------------------------------------------------------------------- the step
@@ -122,18 +99,57 @@ class Step:
         return self.loss_fn(**inputs)
 
 
+class GroupStep:
+    """One micro-batch of groups (k scored completions per prompt) -> one policy forward -> a group loss."""
+
+    def __init__(self, loss_fn, pad_id: int, **_: Any):
+        self.loss_fn, self.pad_id = loss_fn, pad_id
+        self.carried = [
+            name
+            for name in ("rewards", "ref_logps")
+            if name in (*loss_fn.requirements.inputs, *loss_fn.requirements.optional_inputs)
+        ]
+
+    def batch(self, groups: list[dict], step: int, micro: int) -> tuple[Batch, list[dict]]:
+        rows = [{"prompt_ids": g["prompt_ids"], "completion_ids": c} for g in groups for c in g["completions"]]
+        batch = collate([], self.pad_id, extra=rows)
+        batch.inputs = {
+            name: torch.tensor([g[name] for g in groups], dtype=torch.float32)
+            for name in self.carried
+            if name in groups[0]
+        }
+        return batch, []
+
+    def __call__(self, policy, batch: Batch, extra: list[dict]) -> losses.LossOutput:
+        logps = sequence_logps(policy, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        k = batch.inputs["rewards"].shape[1]
+        inputs = {
+            "policy_logps": rearrange(logps, "(g k) -> g k", k=k),
+            "lengths": rearrange(batch.lengths, "(g k) -> g k", k=k).to(logps.dtype),
+            **batch.inputs,
+        }
+        return self.loss_fn(**inputs)
+
+
+STEPS = {"pair": Step, "group": GroupStep}  # by the loss's declared kind
+
+
 # --------------------------------------------------------------------------------------------------- preparation
-def _check_providers(loss_fn: losses.BoundLoss) -> None:
-    known = set(STANDARD_INPUTS) | set(REGULARIZATION_INPUTS) | set(AUX_INPUTS)
+def _check_providers(loss_fn: losses.BoundLoss, source: str) -> None:
+    kind = loss_fn.requirements.kind
+    if source not in SOURCES:
+        raise ConfigError(f"trainer.source must be one of {sorted(SOURCES)}, got {source!r}")
+    if kind not in STEPS:
+        raise ConfigError(f"loss '{loss_fn.name}' is of kind {kind!r}, which no step trains")
+    if kind == "group" and source != "online":
+        raise ConfigError(
+            f"loss '{loss_fn.name}' is a group loss (k sampled completions per prompt); train it with trainer=online"
+        )
+    known = set(STANDARD_INPUTS) | set(REGULARIZATION_INPUTS) | set(AUX_INPUTS) | set(GROUP_INPUTS)
     missing = [name for name in loss_fn.requirements.inputs if name not in known]
     if missing:
         raise ConfigError(
-            f"loss '{loss_fn.name}' needs input(s) {', '.join(missing)}, which the offline trainer cannot provide"
-        )
-    if loss_fn.requirements.kind != "pair":
-        raise ConfigError(
-            f"loss '{loss_fn.name}' is a {loss_fn.requirements.kind} loss; the offline trainer trains "
-            "pairwise losses (use trainer=online)"
+            f"loss '{loss_fn.name}' needs input(s) {', '.join(missing)}, which the trainer cannot provide"
         )
 
 
@@ -175,6 +191,115 @@ class _Averager:
         return dict(zip(keys, values, strict=True))
 
 
+# ------------------------------------------------------------------------------------------------------ sources
+@dataclass
+class Setup:
+    """What a source builder hands the loop."""
+
+    source: Any  # OfflineSource | OnlineSource
+    step_reference: Any  # live reference model the step runs, or None (precomputed / carried by the source)
+    evaluate: Callable[[Any, Any, int], dict[str, float]]  # (policy, step_fn, step) -> eval metrics, all processes
+    summary: dict[str, Any]
+
+
+def _offline(cfg, *, policy, tokenizer, data, fingerprint, loss_fn, micro, accelerator, run_dir) -> Setup:
+    """Dataset pairs; the reference as ``reference.mode`` says (precomputed on disk, or a live frozen copy)."""
+    reference = None
+    if loss_fn.requirements.needs_reference:
+        if cfg.reference.mode == "live":
+            reference = frozen_copy(policy)
+        elif cfg.reference.mode == "precomputed":
+            for split, examples in (("train", data.train), ("eval", data.eval)):
+                key = cache_key("ref", fingerprint, data.fingerprint, split)
+                precompute_reference_logps(
+                    policy,
+                    examples,
+                    pad_id=tokenizer.pad_token_id,
+                    batch_size=2 * micro,
+                    device=accelerator.device,
+                    cache=Path(cfg.cache_dir).expanduser() / "reference" / f"{key}.safetensors",
+                )
+        else:
+            raise ConfigError(f"reference.mode must be precomputed or live, got {cfg.reference.mode!r}")
+    if "aux_rewards_chosen" in loss_fn.requirements.inputs:
+        _attach_aux_rewards(data, list(cfg.aux_rewards or []))
+    tcfg = cfg.trainer
+    source = OfflineSource(
+        data.train,
+        batch_size=tcfg.batch_size,
+        micro=micro,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        seed=tcfg.seed,
+    )
+
+    def evaluate(model, step_fn, step):
+        return _evaluate(accelerator, model, step_fn, data.eval, micro, step) if data.eval else {}
+
+    return Setup(source, reference, evaluate, {"train_pairs": len(data.train), "eval_pairs": len(data.eval)})
+
+
+def _online(cfg, *, policy, tokenizer, data, fingerprint, loss_fn, micro, accelerator, run_dir) -> Setup:
+    """Samples from the current policy each step, scored by ``cfg.reward``; the frozen initial policy is the
+    reference (its log-probs of every sample travel with the batch, and give the sampled KL)."""
+    req, tcfg = loss_fn.requirements, cfg.trainer
+    if "reward" not in cfg:
+        raise ConfigError("trainer=online needs a reward: add reward=NAME (conf/reward/)")
+    reference = frozen_copy(policy)
+    scorer = build_scorer(cfg.reward).to(accelerator.device)
+    source = OnlineSource(
+        unique_prompts(data.train),
+        unique_prompts(data.eval),
+        tokenizer=tokenizer,
+        scorer=scorer,
+        reference=reference,
+        kind=req.kind,
+        carry_reference=req.needs_reference,
+        aux_rewards=list(cfg.aux_rewards or []) if "aux_rewards_chosen" in req.inputs else [],
+        cfg=tcfg.online,
+        batch_size=tcfg.batch_size,
+        micro=micro,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        seed=tcfg.seed,
+        device=accelerator.device,
+    )
+    stats_path = run_dir / "reward_stats.json"
+    if stats_path.exists() and tcfg.resume not in (False, None, "false", "False"):
+        scorer.load_stats(json.loads(stats_path.read_text()))
+    else:
+        _select_aspects(cfg, source, scorer, reference, run_dir, accelerator)
+        stats = source.fit_scorer(reference)
+        if accelerator.is_main_process and stats:
+            stats_path.write_text(json.dumps(stats, indent=2))
+
+    def evaluate(model, step_fn, step):
+        return _reduce(accelerator, source.evaluate(accelerator.unwrap_model(model)))
+
+    summary = {
+        "train_prompts": len(source.prompts),
+        "eval_prompts": len(source.eval_prompts),
+        "reward": cfg.reward.get("name"),
+    }
+    return Setup(source, None, evaluate, summary)
+
+
+def _select_aspects(cfg, source, scorer, reference, run_dir: Path, accelerator) -> None:
+    """``reward.select: auto``: ALaRM's consistency-based aspect selection on reference samples, before training."""
+    if cfg.reward.get("select", "none") != "auto":
+        return
+    from prefopt.select_rewards import format_table, select
+
+    result = select(cfg.reward, source, reference, scorer)
+    scorer.set_weights(result["weights"])
+    if accelerator.is_main_process:
+        (run_dir / "reward_selection.json").write_text(json.dumps(result, indent=2))
+        log.info("reward selection:\n%s", format_table(result))
+
+
+SOURCES = {"offline": _offline, "online": _online}
+
+
 # ------------------------------------------------------------------------------------------------------ the loop
 def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg.loss`` on ``cfg.data`` with ``cfg.model``; writes the run dir and returns the summary."""
@@ -184,7 +309,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.cache_dir).expanduser()
     loss_fn = build_loss(cfg.loss)
-    _check_providers(loss_fn)
+    source_name = str(tcfg.get("source", "offline"))
+    _check_providers(loss_fn, source_name)
     req = loss_fn.requirements
 
     micro = tcfg.micro_batch_size or tcfg.batch_size
@@ -196,33 +322,29 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
         raise ConfigError(
             f"trainer.batch_size={tcfg.batch_size} must be a multiple of micro_batch_size={micro} x {world} process(es)"
         )
-    accumulation = tcfg.batch_size // (micro * world)  # micro-batches per optimizer step, per process
     set_seed(tcfg.seed)
 
     tokenizer = models.build_tokenizer(cfg.model, cache_dir, corpus=synthetic.default_corpus)
     policy = models.build_model(cfg.model, tokenizer)
-    data = prepare_data(cfg.data, tokenizer)
-    fingerprint = models.model_fingerprint(cfg.model, policy)
     device = accelerator.device
     policy.to(device)
-
-    reference = None
-    if req.needs_reference:
-        if cfg.reference.mode == "live":
-            reference = frozen_copy(policy)
-        elif cfg.reference.mode == "precomputed":
-            for split, examples in (("train", data.train), ("eval", data.eval)):
-                key = cache_key("ref", fingerprint, data.fingerprint, split)
-                precompute_reference_logps(
-                    policy,
-                    examples,
-                    pad_id=tokenizer.pad_token_id,
-                    batch_size=2 * micro,
-                    device=device,
-                    cache=cache_dir / "reference" / f"{key}.safetensors",
-                )
-        else:
-            raise ConfigError(f"reference.mode must be precomputed or live, got {cfg.reference.mode!r}")
+    fingerprint = models.model_fingerprint(cfg.model, policy)
+    fingerprint = warm_start(
+        policy, tokenizer, cfg.model.get("sft"), fingerprint=fingerprint, cache_dir=cache_dir, device=device
+    )
+    data = prepare_data(cfg.data, tokenizer)
+    setup = SOURCES[source_name](
+        cfg,
+        policy=policy,
+        tokenizer=tokenizer,
+        data=data,
+        fingerprint=fingerprint,
+        loss_fn=loss_fn,
+        micro=micro,
+        accelerator=accelerator,
+        run_dir=run_dir,
+    )
+    source = setup.source
     regularization = None
     if "reg_logps" in req.inputs:
         rcfg = cfg.regularization
@@ -242,8 +364,6 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
         )
         if not regularization:
             raise ConfigError("no regularisation samples were generated (every sample was empty)")
-    if "aux_rewards_chosen" in req.inputs:
-        _attach_aux_rewards(data, list(cfg.aux_rewards or []))
 
     optimizer = _optimizer(tcfg, policy)
     scheduler = get_scheduler(
@@ -252,31 +372,36 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     # accelerate checkpoints the prepared scheduler (loaded with weights_only=True); it is stepped below through
     # `.scheduler`, once per optimizer step, because the wrapper would step it once per process.
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    step_fn = Step(
+    step_fn = STEPS[req.kind](
         loss_fn,
         tokenizer.pad_token_id,
-        reference,
-        regularization,
+        reference=setup.step_reference,
+        regularization=regularization,
         reg_ratio=cfg.regularization.batch_ratio,
         seed=tcfg.seed,
     )
-    order = Order(len(data.train), tcfg.seed)
     metrics_path = run_dir / "metrics.jsonl"
-    step = _resume(accelerator, tcfg.resume, run_dir, order)
+    step = _resume(accelerator, tcfg.resume, run_dir, source)
     _truncate_metrics(accelerator, metrics_path, step)
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     accelerator.init_trackers("tensorboard")
     log.info(
-        "loss %s: reference=%s extras=%s; %d train / %d eval pairs; accumulation %d",
+        "loss %s (%s): source=%s reference=%s extras=%s; %s",
         loss_fn.name,
-        cfg.reference.mode if req.needs_reference else "none",
+        req.kind,
+        source_name,
+        cfg.reference.mode
+        if req.needs_reference and source_name == "offline"
+        else ("live" if source_name == "online" else "none"),
         list(req.extras),
-        len(data.train),
-        len(data.eval),
-        accumulation,
+        setup.summary,
     )
-    summary: dict[str, Any] = {"loss_name": loss_fn.name, "reference_model": reference is not None}
+    summary: dict[str, Any] = {
+        "loss_name": loss_fn.name,
+        "source": source_name,
+        "reference_model": setup.step_reference is not None,
+    }
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     guard = NonFiniteGuard(tcfg.max_nonfinite_steps)
@@ -288,22 +413,25 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     )
     policy.train()
     while step < tcfg.max_steps:
-        indices = order.take(tcfg.batch_size)[accelerator.process_index :: world]
-        micro_batches = [[data.train[i] for i in indices[m * micro : (m + 1) * micro]] for m in range(accumulation)]
-        averager, problem = _accumulate(accelerator, policy, step_fn, micro_batches, step)
-        grad_norm = _grad_norm(accelerator, policy, tcfg.max_grad_norm) if problem is None else None
-        if problem is None and not math.isfinite(grad_norm):
+        draw = source.draw(accelerator.unwrap_model(policy), step)
+        averager, problem = _accumulate(accelerator, policy, step_fn, draw.micro_batches, step)
+        empty = _agree(accelerator, None if averager.count else "no training items (every sampled reward tied)")
+        grad_norm = _grad_norm(accelerator, policy, tcfg.max_grad_norm) if problem is None and empty is None else None
+        if grad_norm is not None and not math.isfinite(grad_norm):
             problem = f"non-finite gradient norm ({grad_norm})"
         problem = _agree(accelerator, problem)
         step += 1
-        if problem is None:
+        if problem is None and empty is None:
             optimizer.step()
             scheduler.scheduler.step()
             guard.ok()
-            line = last_train = {**_reduce(accelerator, averager.mean()), "grad_norm": grad_norm}
+            line = last_train = {**_reduce(accelerator, {**averager.mean(), **draw.metrics}), "grad_norm": grad_norm}
+        elif problem is None:
+            log.warning("step %d skipped: %s", step, empty)
+            line = {"skipped": 1, **_reduce(accelerator, draw.metrics)}
         elif guard.skip(step, problem):
             optimizer.zero_grad()
-            _save_checkpoint(accelerator, run_dir, step, order, tcfg.keep_last)
+            _save_checkpoint(accelerator, run_dir, step, source, tcfg.keep_last)
             raise NonFiniteTraining(
                 f"stopped at step {step}: {guard.consecutive} steps in a row had {problem}; checkpoint saved in "
                 f"{run_dir / 'checkpoints' / f'step-{step}'}"
@@ -311,24 +439,19 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
         else:
             line = {"skipped": 1}
         optimizer.zero_grad()
-        line.update(
-            lr=scheduler.get_last_lr()[0],
-            nonfinite_steps=guard.total,
-            epoch=order.epoch + order.position / len(data.train),
-        )
+        line.update(lr=scheduler.get_last_lr()[0], nonfinite_steps=guard.total, epoch=source.order.epochs)
         if step % tcfg.log_every == 0 or step == tcfg.max_steps or "skipped" in line:
             _log(accelerator, metrics_path, _metrics_line(step, line))
-        if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.max_steps) and data.eval:
-            last_eval = _evaluate(accelerator, policy, step_fn, data.eval, micro, step)
-            _log(accelerator, metrics_path, _metrics_line(step, last_eval, "eval/"))
+        if draw.table:
+            _log_table(accelerator, metrics_path, step, draw.table)
+        if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
+            last_eval = setup.evaluate(policy, step_fn, step)
+            if last_eval:
+                _log(accelerator, metrics_path, _metrics_line(step, last_eval, "eval/"))
         if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
-            _save_checkpoint(accelerator, run_dir, step, order, tcfg.keep_last)
+            _save_checkpoint(accelerator, run_dir, step, source, tcfg.keep_last)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{last_train.get('loss', math.nan):.4f}",
-            margin=f"{last_train.get('rewards/margins', 0):.3f}",
-            acc=f"{last_train.get('rewards/accuracies', 0):.2f}",
-        )
+        bar.set_postfix(_postfix(last_train))
     bar.close()
     summary["nonfinite_steps"] = guard.total
 
@@ -346,13 +469,36 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
         run_dir=str(run_dir),
         model_dir=str(final_dir),
         metrics=str(metrics_path),
-        train_pairs=len(data.train),
-        eval_pairs=len(data.eval),
+        **setup.summary,
         data_stats=data.stats,
     )
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+    shown = {"loss": "loss", "margin": "rewards/margins", "acc": "rewards/accuracies", "reward": "online/reward/mean"}
+    return {short: f"{metrics[key]:.4f}" for short, key in shown.items() if key in metrics}
+
+
+def _log_table(accelerator: Accelerator, path: Path, step: int, table: list[dict]) -> None:
+    """A few sampled prompts, completions and rewards: a ``samples`` line in metrics.jsonl and a TensorBoard text."""
+    if not accelerator.is_main_process:
+        return
+    with path.open("a") as handle:
+        handle.write(json.dumps({"step": step, "samples": table}) + "\n")
+    columns = list(table[0])
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in table]
+    try:
+        accelerator.get_tracker("tensorboard", unwrap=True).add_text("samples", "\n".join(rows), step)
+    except (AttributeError, ValueError):  # no TensorBoard tracker
+        pass
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value).replace("|", "\\|").replace("\n", " ")
 
 
 class NonFiniteTraining(RuntimeError):
@@ -385,18 +531,31 @@ def _accumulate(accelerator, policy, step_fn: Step, micro_batches: list[list[dic
     returned for the step to be skipped."""
     averager, problem = _Averager(), None
     for m, examples in enumerate(micro_batches):
-        batch, extra = step_fn.batch(examples, step, m)
         last = m == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(policy):
             try:
+                if not examples:  # an online micro-batch whose sampled rewards all tied: nothing to learn from
+                    raise _Empty
+                batch, extra = step_fn.batch(examples, step, m)
                 out = step_fn(policy, batch.to(accelerator.device), extra)
                 loss = out.loss / len(micro_batches)
                 averager.add(out)
             except losses.NonFiniteError as error:
                 problem = problem or f"a non-finite loss ({error})"
-                loss = sum(p.sum() * 0.0 for p in policy.parameters() if p.requires_grad)
+                loss = _zero_loss(policy)
+            except _Empty:
+                loss = _zero_loss(policy)
             accelerator.backward(loss)
     return averager, problem
+
+
+class _Empty(Exception):
+    pass
+
+
+def _zero_loss(policy) -> torch.Tensor:
+    """A zero that reaches every trainable parameter, so every process still runs the same gradient all-reduce."""
+    return sum(p.sum() * 0.0 for p in policy.parameters() if p.requires_grad)
 
 
 def _grad_norm(accelerator: Accelerator, policy, max_grad_norm: float) -> float:
@@ -459,7 +618,7 @@ def _evaluate(accelerator, policy, step_fn: Step, examples: list[dict], micro: i
     return _reduce(accelerator, averager.mean())
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, order: Order, keep_last: int | None) -> None:
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, source, keep_last: int | None) -> None:
     """``checkpoints/step-N``: written to a temporary dir, renamed when complete; old ones pruned after."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
@@ -468,7 +627,7 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, order: 
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **order.state()}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **source.state()}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -484,7 +643,7 @@ def _checkpoints(root: Path) -> list[Path]:
     )
 
 
-def _resume(accelerator: Accelerator, resume: Any, run_dir: Path, order: Order) -> int:
+def _resume(accelerator: Accelerator, resume: Any, run_dir: Path, source) -> int:
     """0 for a fresh run; else restore model, optimizer, scheduler, RNG and data position and return the step."""
     if resume in (False, None, "false", "False"):
         return 0
@@ -500,7 +659,7 @@ def _resume(accelerator: Accelerator, resume: Any, run_dir: Path, order: Order) 
             raise ConfigError(f"trainer.resume={resume}: not a checkpoint directory (no trainer_state.json)")
     accelerator.load_state(str(path))
     state = json.loads((path / "trainer_state.json").read_text())
-    order.epoch, order.position = state["epoch"], state["position"]
+    source.load_state(state)
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
 
@@ -511,10 +670,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"prefopt: trained {summary['loss_name']} for {summary['steps']} steps in {summary['seconds']}s"]
     lines.append(f"  final train loss {train_metrics.get('loss', math.nan):.4f}")
     for key in SUMMARY_KEYS:
-        if key in evaluation or key in train_metrics:
-            lines.append(
-                f"  {key}: eval {evaluation.get(key, math.nan):.4f}  train {train_metrics.get(key, math.nan):.4f}"
-            )
+        train_value = train_metrics.get(key, train_metrics.get(f"online/{key}", math.nan))
+        if key in evaluation or not math.isnan(train_value):
+            lines.append(f"  {key}: eval {evaluation.get(key, math.nan):.4f}  train {train_value:.4f}")
     lines.append(f"  model: {summary['model_dir']}")
     lines.append(f"  metrics: {summary['metrics']}")
     lines.append(f"run dir: {summary['run_dir']}")

@@ -1,4 +1,8 @@
-"""Simple reward functions of (prompts, completions): each returns a float32 tensor [N], one value per completion."""
+"""Simple reward functions of (prompts, completions): each returns a float32 tensor [N], one value per completion.
+
+The registered :class:`~prefopt.rewards.base.Reward` classes wrap these (``length``, ``lexicon``); the functions
+stay importable for plain use and as ``_target_`` examples (``conf/reward/custom.yaml``).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from prefopt.rewards.base import check_pairs
 from prefopt.synthetic import LEXICON, words
 
 
 def _check_lengths(prompts: Sequence[str], completions: Sequence[str]) -> None:
     """Raise when prompts and completions are not paired one to one."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    check_pairs(prompts, completions)
 
 
 def length_reward(prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:

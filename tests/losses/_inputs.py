@@ -8,7 +8,11 @@ import yaml
 import losses
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "loss"
-B, R = 5, 4
+B, R = 5, 4  # pairs (or, for group losses, prompts) per batch; regularisation samples
+K = 4  # samples per prompt for group losses
+
+# the input that carries the policy's gradient, and that a test perturbs, for each kind of loss
+POLICY_INPUT = {"pair": "policy_rejected_logps", "group": "policy_logps"}
 
 
 def config_hparams(name: str) -> dict:
@@ -32,8 +36,11 @@ def _extra(name: str, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
 
 
 def make_inputs(loss: losses.BoundLoss, seed: int = 0, dtype: torch.dtype = torch.float64) -> dict:
-    """Every input the loss requires or accepts, random but valid (log-probs < 0, lengths >= 1)."""
+    """Every input the loss requires or accepts, random but valid (log-probs < 0, lengths >= 1); group losses get
+    ``[B, K]`` group inputs (B prompts, K samples each)."""
     gen = torch.Generator().manual_seed(seed)
+    if loss.requirements.kind == "group":
+        return make_group_inputs(loss, gen, dtype)
     lengths = torch.randint(1, 9, (2, B), generator=gen)
     logps = -(torch.rand(4, B, generator=gen, dtype=dtype) * 1.5 + 0.1) * torch.cat([lengths, lengths]).to(dtype)
     standard = dict(
@@ -46,6 +53,23 @@ def make_inputs(loss: losses.BoundLoss, seed: int = 0, dtype: torch.dtype = torc
     )
     req = loss.requirements
     inputs = {k: v for k, v in standard.items() if k in req.inputs or k in req.optional_inputs or k.startswith("pol")}
+    for name in (*req.extras, *req.optional_extras):
+        inputs[name] = _extra(name, gen, dtype)
+    return inputs
+
+
+def make_group_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch.dtype) -> dict:
+    """``policy_logps``, ``ref_logps``, ``rewards``, ``lengths``, each [B, K], as a sampler and a reward model give."""
+    lengths = torch.randint(1, 9, (B, K), generator=gen)
+    logps = -(torch.rand(2, B, K, generator=gen, dtype=dtype) * 1.5 + 0.1) * lengths.to(dtype)
+    group = dict(
+        policy_logps=logps[0],
+        ref_logps=logps[1],
+        rewards=torch.randn(B, K, generator=gen, dtype=dtype),
+        lengths=lengths,
+    )
+    req = loss.requirements
+    inputs = {k: v for k, v in group.items() if k in req.inputs or k in req.optional_inputs}
     for name in (*req.extras, *req.optional_extras):
         inputs[name] = _extra(name, gen, dtype)
     return inputs

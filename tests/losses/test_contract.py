@@ -1,14 +1,26 @@
 """The contract every registered loss keeps, run over the whole registry with its conf/loss defaults — so a new
-loss is tested the moment it is registered."""
+loss is tested the moment it is registered. Pairwise losses (kind "pair") get pair batches ``[B]``; group losses
+(kind "group", K samples per prompt) get ``[B, K]`` group batches and the same generic contract, plus the checks
+that only make sense for their kind."""
 
 import pytest
 import torch
 
 import losses
 
-from ._inputs import config_hparams, make_inputs
+from ._inputs import POLICY_INPUT, config_hparams, make_inputs
 
 NAMES = losses.available()
+KINDS = {name: losses.spec(name).kind for name in NAMES}
+PAIR_NAMES = [n for n in NAMES if KINDS[n] == "pair"]
+GROUP_NAMES = [n for n in NAMES if KINDS[n] == "group"]
+LOGPS_METRICS = {"pair": ("logps/chosen", "logps/rejected"), "group": ("logps/policy",)}
+
+
+def test_every_loss_is_covered_by_its_kind():
+    """No loss escapes the contract: each is pairwise or group, and each kind has its own checks below."""
+    assert sorted(PAIR_NAMES + GROUP_NAMES) == NAMES
+    assert set(KINDS.values()) <= set(POLICY_INPUT) == set(LOGPS_METRICS)
 
 
 def _loss(name: str) -> losses.BoundLoss:
@@ -29,11 +41,11 @@ def test_finite_dtype_and_mean(name, dtype):
         assert isinstance(value, torch.Tensor) and value.dim() == 0, key
         assert not value.requires_grad, key
         assert torch.isfinite(value), key
-    for key in ("logps/chosen", "logps/rejected"):
+    for key in LOGPS_METRICS[KINDS[name]]:
         assert key in out.metrics
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PAIR_NAMES)
 def test_trl_reward_metrics(name):
     loss = _loss(name)
     metrics = loss(**make_inputs(loss)).metrics
@@ -41,9 +53,11 @@ def test_trl_reward_metrics(name):
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(metrics)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PAIR_NAMES)
 def test_gradcheck(name):
-    """Analytic gradients of every differentiable float input equal finite differences (float64)."""
+    """Analytic gradients of every differentiable float input equal finite differences (float64). (A group loss is a
+    policy-gradient surrogate with stop-gradient advantages, so finite differences of its value are not its gradient;
+    see test_group_gradients_flow and tests/losses/test_policy_gradient.py.)"""
     loss = _loss(name)
     inputs = make_inputs(loss, seed=1)
     wrt = [
@@ -60,14 +74,41 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", GROUP_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_gradients_flow(name, dtype):
+    """A group loss sends a finite, non-zero gradient of the input's shape and dtype to ``policy_logps``, and none
+    to the rewards (a reward is a number from a reward model, not something the loss may move)."""
+    loss = _loss(name)
+    inputs = make_inputs(loss, seed=2, dtype=dtype)
+    policy = inputs["policy_logps"].clone().requires_grad_(True)
+    rewards = inputs["rewards"].clone().requires_grad_(True)
+    out = loss(**dict(inputs, policy_logps=policy, rewards=rewards))
+    out.loss.backward()
+    assert policy.grad is not None and policy.grad.shape == policy.shape and policy.grad.dtype == dtype
+    assert torch.isfinite(policy.grad).all() and policy.grad.abs().sum() > 0
+    assert rewards.grad is None or not rewards.grad.any()
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_input_is_reported(name, bad):
+    key = POLICY_INPUT[KINDS[name]]
     loss = _loss(name)
     inputs = make_inputs(loss)
-    inputs["policy_rejected_logps"] = inputs["policy_rejected_logps"].clone()
-    inputs["policy_rejected_logps"][3] = bad
-    with pytest.raises(losses.NonFiniteError, match=r"'policy_rejected_logps' is not finite at rows \[3\]"):
+    inputs[key] = inputs[key].clone()
+    inputs[key][3] = bad  # a whole row: one pair, or one prompt's K samples
+    with pytest.raises(losses.NonFiniteError, match=rf"'{key}' is not finite at rows \[3\]"):
+        loss(**inputs)
+
+
+@pytest.mark.parametrize("name", GROUP_NAMES)
+def test_nonfinite_reward_is_reported(name):
+    loss = _loss(name)
+    inputs = make_inputs(loss)
+    inputs["rewards"] = inputs["rewards"].clone()
+    inputs["rewards"][2, 1] = float("nan")
+    with pytest.raises(losses.NonFiniteError, match=r"'rewards' is not finite at rows \[2\]"):
         loss(**inputs)
 
 
@@ -91,14 +132,15 @@ def test_finite_checks_can_be_disabled(golden_batch):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if not losses.spec(n).batch_dependent])
 def test_rows_are_independent_unless_declared(name):
-    """Per-example values of one row do not depend on the other rows (except losses declared batch_dependent,
-    and batch-level NLL terms, which are spread evenly and so shift every row alike)."""
+    """Per-example values of one row (a pair, or a prompt's group) do not depend on the other rows (except losses
+    declared batch_dependent, and batch-level NLL terms, which are spread evenly and so shift every row alike)."""
+    key = "policy_chosen_logps" if KINDS[name] == "pair" else POLICY_INPUT["group"]
     loss = _loss(name)
     inputs = make_inputs(loss)
     full = loss(**inputs).per_example
     perturbed = dict(inputs)
-    perturbed["policy_chosen_logps"] = inputs["policy_chosen_logps"].clone()
-    perturbed["policy_chosen_logps"][0] -= 1.0
+    perturbed[key] = inputs[key].clone()
+    perturbed[key][0] -= 1.0
     moved = loss(**perturbed).per_example
     shift = moved[1:] - full[1:]
     assert torch.allclose(shift, shift[0].expand_as(shift), atol=1e-12)

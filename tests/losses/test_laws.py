@@ -10,7 +10,10 @@ import losses
 from ._inputs import make_inputs
 
 MARGIN_ONLY = ["dpo", "cdpo", "robust", "hinge", "exo_pair", "discopop"]  # functions of Δ alone
-REFERENCE_LOSSES = [n for n in losses.available() if n not in {"combo", "upo"} and losses.get(n).needs_reference]
+PAIR_LOSSES = [n for n in losses.available() if losses.spec(n).kind == "pair"]
+GROUP_LOSSES = [n for n in losses.available() if losses.spec(n).kind == "group"]
+REFERENCE_LOSSES = [n for n in PAIR_LOSSES if n not in {"combo", "upo"} and losses.get(n).needs_reference]
+GROUP_REFERENCE_LOSSES = [n for n in GROUP_LOSSES if losses.get(n).needs_reference]
 
 
 def _swap(batch):
@@ -96,6 +99,26 @@ def test_reference_losses_depend_on_log_ratios_only(name):
         ref_chosen_logps=batch["ref_chosen_logps"] + shift,
     )
     assert torch.allclose(loss(**batch).loss, loss(**moved).loss, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", GROUP_REFERENCE_LOSSES)
+def test_group_gradients_depend_on_log_ratios_only(name):
+    """The group analogue: a policy-gradient surrogate's value is Σ A·S_θ, which moves with S_θ, but its gradient
+    −A/Σ|y| sees the policy only through the detached log-ratios, so moving a completion's policy and reference
+    log-prob together leaves the gradient unchanged."""
+    loss = losses.get(name)
+    batch = make_inputs(loss, seed=3)
+    shift = torch.linspace(-4, 4, batch["policy_logps"].numel(), dtype=torch.float64).reshape(
+        batch["policy_logps"].shape
+    )
+
+    def gradient(inputs):
+        policy = inputs["policy_logps"].clone().requires_grad_(True)
+        loss(**dict(inputs, policy_logps=policy)).loss.backward()
+        return policy.grad
+
+    moved = dict(batch, policy_logps=batch["policy_logps"] + shift, ref_logps=batch["ref_logps"] + shift)
+    assert torch.allclose(gradient(batch), gradient(moved), atol=1e-12)
 
 
 def test_known_limits(batch):

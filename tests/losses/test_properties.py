@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) of the loss zoo: finiteness, ranges, monotonicity, swap laws and dtypes on
-random batches of finite float64 log-probs in [-200, -0.01], lengths in [1, 64] and β in (0.01, 5).
+random batches of finite float64 log-probs in [-200, -0.01], lengths in [1, 64] and β in (0.01, 5). Group losses
+(kind "group") get [G, K] groups: G in [1, 6] prompts, K in [2, 6] samples each, rewards in [-10, 10].
 
 Every law is read off the formula in the loss's docstring; ``Δ = ρ_w − ρ_l``, ``ρ = S_θ − S_ref``, ``z = βΔ``.
 Tolerances are absolute 1e-9 in float64 unless a comment says why a law is exact or needs more.
@@ -31,6 +32,7 @@ HALF_OPEN_EPS = st.floats(min_value=0.0, max_value=0.5, exclude_max=True)  # cdp
 EXO_EPS = st.floats(min_value=1e-6, max_value=1 - 1e-6)  # exo_pair: (0, 1)
 AUX_REWARDS = st.floats(min_value=-5.0, max_value=5.0)  # z-normalised designer rewards
 DELTAS = st.floats(min_value=1e-3, max_value=100.0)  # a positive increase of policy_chosen_logps
+REWARDS = st.floats(min_value=-10.0, max_value=10.0)  # scalar rewards of sampled completions (group losses)
 
 FAST = settings(max_examples=20, deadline=None)
 LAWS = settings(max_examples=30, deadline=None)
@@ -74,10 +76,26 @@ def _extra(draw, name: str, n: int) -> torch.Tensor:
 
 
 @st.composite
+def groups(draw, max_prompts: int = 6, max_samples: int = 6) -> dict[str, torch.Tensor]:
+    """The group inputs, each [G, K]: summed log-probs in [-200, -0.01], rewards in [-10, 10], lengths in [1, 64]."""
+    g = draw(st.integers(min_value=1, max_value=max_prompts))
+    k = draw(st.integers(min_value=2, max_value=max_samples))
+    return {
+        "policy_logps": _column(draw, g * k).reshape(g, k),
+        "ref_logps": _column(draw, g * k).reshape(g, k),
+        "rewards": _column(draw, g * k, REWARDS).reshape(g, k),
+        "lengths": _column(draw, g * k, LENGTHS, torch.int64).reshape(g, k),
+    }
+
+
+@st.composite
 def inputs_for(draw, loss: losses.BoundLoss) -> dict[str, torch.Tensor]:
     """Every input the bound loss requires or accepts (the way ``tests/losses/_inputs.make_inputs`` builds them)."""
-    batch = draw(batches())
     req = loss.requirements
+    if req.kind == "group":
+        batch = draw(groups())
+        return {k: v for k, v in batch.items() if k in req.inputs or k in req.optional_inputs}
+    batch = draw(batches())
     wanted = set(req.inputs) | set(req.optional_inputs)
     inputs = {k: v for k, v in batch.items() if k in wanted or k.startswith("policy")}
     n = batch["policy_chosen_logps"].shape[0]
@@ -171,7 +189,8 @@ def test_finite_inputs_give_finite_outputs(name, data):
         return
     assert torch.isfinite(out.loss), out.loss
     assert torch.isfinite(out.per_example).all(), out.per_example
-    assert out.per_example.shape == inputs["policy_chosen_logps"].shape
+    rows = inputs["policy_logps" if loss.requirements.kind == "group" else "policy_chosen_logps"].shape[:1]
+    assert out.per_example.shape == rows  # one value per pair, or per prompt for a group loss
     assert out.loss.item() == out.per_example.mean().item()
     for key, value in out.metrics.items():
         assert torch.isfinite(value).all(), (key, value)
@@ -377,3 +396,73 @@ def test_exo_swap_law(beta, eps, batch):
     unchanged, so EXO with ε on swapped inputs equals EXO with 1 − ε (also valid, ε ∈ (0, 1)) on the original."""
     swapped = _per_example("exo_pair", _swap(batch), beta=beta, label_smoothing=eps)
     _close(swapped, _per_example("exo_pair", batch, beta=beta, label_smoothing=1 - eps))
+
+
+# ------------------------------------------------------------------------------------------- group losses (rloo)
+RLOO_HPARAMS = st.fixed_dictionaries(
+    {
+        "kl_coef": st.sampled_from([0.0, 0.05]) | st.floats(min_value=0.0, max_value=2.0),
+        "kl_estimator": st.sampled_from(["k1", "k3"]),
+        "aggregation": st.sampled_from(["token", "sequence"]),
+        "normalize_advantages": st.booleans(),
+    }
+)
+
+
+def _rloo_gradient(hparams: dict, batch: dict[str, torch.Tensor]) -> tuple[losses.LossOutput, torch.Tensor]:
+    policy = batch["policy_logps"].clone().requires_grad_(True)
+    out = losses.get("rloo", **hparams)(**dict(batch, policy_logps=policy))
+    out.loss.backward()
+    return out, policy.grad
+
+
+def _rloo_advantages(hparams: dict, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The advantages from the formula in the docstring, with the mean form K/(K−1)·(r' − mean r')."""
+    d = batch["policy_logps"] - batch["ref_logps"]
+    kl = d if hparams["kl_estimator"] == "k1" else torch.exp(-d) - 1 + d
+    shaped = batch["rewards"] - hparams["kl_coef"] * kl
+    k = shaped.shape[1]
+    advantages = k / (k - 1) * (shaped - shaped.mean(dim=1, keepdim=True))
+    if hparams["normalize_advantages"]:
+        advantages = advantages / (advantages.std() + 1e-8)
+    return advantages
+
+
+@LAWS
+@given(hparams=RLOO_HPARAMS, batch=groups())
+def test_rloo_gradient_is_minus_advantage_over_tokens(hparams, batch):
+    """∇_{S_θ} L = −A/Σ|y| (token) or −A/(G·K·|y|) (sequence), A from the mean form of the baseline; the leave-one-out
+    advantages sum to 0 in every group (before normalisation), and k3 makes objective/kl ≥ 0. β·k3 reaches 2·e^200
+    where the policy is far below the reference (finite in float64), so the tolerances are relative."""
+    out, grad = _rloo_gradient(hparams, batch)
+    advantages = _rloo_advantages(hparams, batch)
+    lengths = batch["lengths"].to(torch.float64)
+    expected = -advantages / (lengths.sum() if hparams["aggregation"] == "token" else lengths * lengths.numel())
+    assert torch.allclose(grad, expected, rtol=1e-9, atol=1e-12), (grad, expected)
+    if not hparams["normalize_advantages"]:
+        assert abs(out.metrics["advantages/mean"].item()) <= 1e-9 * (1 + advantages.abs().max().item())
+    if hparams["kl_estimator"] == "k3":
+        assert out.metrics["objective/kl"].item() >= 0.0
+
+
+@LAWS
+@given(hparams=RLOO_HPARAMS, batch=groups(), shift=st.floats(min_value=-100.0, max_value=100.0))
+def test_rloo_gradient_ignores_a_constant_added_to_a_group(hparams, batch, shift):
+    """Adding c_g to every reward of group g leaves the advantages, hence the gradient, unchanged (the baseline
+    absorbs it): the reason a leave-one-out baseline reduces variance without bias."""
+    g = batch["rewards"].shape[0]
+    shifts = torch.linspace(-1.0, 1.0, g, dtype=torch.float64)[:, None] * shift
+    _, before = _rloo_gradient(hparams, batch)
+    _, after = _rloo_gradient(hparams, dict(batch, rewards=batch["rewards"] + shifts))
+    scale = before.abs().max().item() + 1e-3
+    assert torch.allclose(before, after, rtol=0, atol=1e-9 * scale * (1 + abs(shift))), (before, after)
+
+
+@LAWS
+@given(batch=groups(), aggregation=st.sampled_from(["token", "sequence"]), value=REWARDS)
+def test_rloo_equal_rewards_and_no_kl_give_exactly_zero(batch, aggregation, value):
+    """All rewards of every group equal and β = 0: every advantage is exactly 0, so the loss and gradient are 0."""
+    flat = dict(batch, rewards=torch.full_like(batch["rewards"], value))
+    out, grad = _rloo_gradient({"kl_coef": 0.0, "aggregation": aggregation}, flat)
+    assert out.loss.item() == 0.0 and not grad.any()
+    assert out.metrics["frac_reward_zero_std"].item() == 1.0

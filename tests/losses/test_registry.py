@@ -12,7 +12,7 @@ from losses import registry
 
 from ._inputs import CONF, config_hparams
 
-ISSUE_NAMES = {
+ISSUE_NAMES = {  # the pairwise losses
     "dpo",
     "cdpo",
     "robust",
@@ -37,12 +37,14 @@ ISSUE_NAMES = {
     "combo",
 }
 REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft", "mpo"}
+GROUP_NAMES = {"rloo"}  # k sampled completions per prompt
 
 
 def test_available_is_sorted_and_complete():
     names = losses.available()
     assert names == sorted(names)
-    assert set(names) == ISSUE_NAMES
+    assert set(names) == ISSUE_NAMES | GROUP_NAMES
+    assert {n for n in names if losses.spec(n).kind == "group"} == GROUP_NAMES
 
 
 def test_unknown_name_lists_valid_ones():
@@ -77,6 +79,13 @@ def test_unknown_hyperparameter_lists_valid_ones():
         ("combo", {"parts": {}}, "non-empty mapping"),
         ("combo", {"parts": {"dpo": {"weight": 1.0, "beta": -1}}}, "dpo.beta must be a finite number > 0"),
         ("ipo", {"beta": float("nan")}, "beta must be a finite number > 0"),
+        ("rloo", {"kl_coef": -0.1}, "rloo.kl_coef must be a finite number >= 0"),
+        ("rloo", {"kl_coef": float("inf")}, "rloo.kl_coef must be a finite number >= 0"),
+        ("rloo", {"kl_estimator": "k2"}, r"rloo.kl_estimator must be one of \['k1', 'k3'\]"),
+        ("rloo", {"aggregation": "sum"}, r"rloo.aggregation must be one of \['token', 'sequence'\]"),
+        ("rloo", {"beta": 0.1}, "no hyper-parameter 'beta'; valid: aggregation, kl_coef, kl_estimator"),
+        ("combo", {"parts": {"rloo": 1.0}}, "only pairwise losses combine, 'rloo' is group"),
+        ("upo", {"base": "rloo"}, "must name a registered pairwise loss other than 'upo', got 'rloo'"),
     ],
 )
 def test_invalid_hyperparameters_rejected(name, hparams, message):
@@ -128,6 +137,64 @@ def test_extras_and_lengths_declarations():
     assert not losses.get("dpo").requirements.needs_lengths
     assert losses.get("simpo").requirements.needs_lengths
     assert {losses.get(n, **config_hparams(n)).requirements.kind for n in ISSUE_NAMES} == {"pair"}
+
+
+def test_group_declarations():
+    """A group loss declares the group inputs; they are not extras, and the reference follows kl_coef."""
+    rloo = losses.get("rloo").requirements
+    assert rloo.kind == "group"
+    assert rloo.inputs == ("policy_logps", "rewards", "lengths", "ref_logps")
+    assert set(rloo.inputs) <= set(registry.GROUP_INPUTS) and losses.GROUP_INPUTS == registry.GROUP_INPUTS
+    assert rloo.extras == () and rloo.optional_extras == ()
+    assert rloo.needs_reference and rloo.needs_lengths
+    free = losses.get("rloo", kl_coef=0.0).requirements
+    assert free.inputs == ("policy_logps", "rewards", "lengths") and free.optional_inputs == ("ref_logps",)
+    assert not free.needs_reference and free.extras == () and free.optional_extras == ()
+    assert losses.get("rloo", kl_coef=1e-6).needs_reference
+
+
+def test_needs_reference_from_either_kind_of_reference_input():
+    pair = registry.Requirements(
+        inputs=("policy_chosen_logps", *registry.REFERENCE_INPUTS), optional_inputs=(), kind="pair"
+    )
+    half = registry.Requirements(inputs=("policy_chosen_logps", "ref_chosen_logps"), optional_inputs=(), kind="pair")
+    group = registry.Requirements(inputs=("policy_logps", "ref_logps"), optional_inputs=(), kind="group")
+    optional = registry.Requirements(inputs=("policy_logps",), optional_inputs=("ref_logps",), kind="group")
+    assert pair.needs_reference and group.needs_reference
+    assert not half.needs_reference and not optional.needs_reference
+
+
+def _group_batch():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "policy_logps": -torch.rand(3, 4, generator=gen, dtype=torch.float64) * 10,
+        "ref_logps": -torch.rand(3, 4, generator=gen, dtype=torch.float64) * 10,
+        "rewards": torch.randn(3, 4, generator=gen, dtype=torch.float64),
+        "lengths": torch.randint(1, 9, (3, 4), generator=gen),
+    }
+
+
+def test_group_inputs_a_loss_does_not_use_are_dropped(golden_batch):
+    """A trainer passes the same four group tensors to any group loss: ref_logps is dropped when kl_coef = 0 (the
+    loss is unchanged), and group inputs passed to a pairwise loss are ignored like unused standard inputs."""
+    batch = _group_batch()
+    without_ref = {k: v for k, v in batch.items() if k != "ref_logps"}
+    free = losses.get("rloo", kl_coef=0.0)
+    assert free(**batch).loss.item() == free(**without_ref).loss.item()
+    assert free(**without_ref).metrics["objective/kl"].item() == 0.0
+    assert losses.get("dpo")(**golden_batch, **batch).loss.item() == losses.get("dpo")(**golden_batch).loss.item()
+
+
+def test_group_missing_and_unexpected_inputs_are_named():
+    batch = _group_batch()
+    with pytest.raises(losses.MissingInputError, match="loss 'rloo' needs input.s. ref_logps"):
+        losses.get("rloo")(**{k: v for k, v in batch.items() if k != "ref_logps"})
+    with pytest.raises(losses.MissingInputError, match="loss 'rloo' needs input.s. rewards"):
+        losses.get("rloo", kl_coef=0.0)(**{k: v for k, v in batch.items() if k != "rewards"})
+    with pytest.raises(losses.MissingInputError, match="unexpected input.s. reward; its extras are none"):
+        losses.get("rloo")(**batch, reward=batch["rewards"])
+    with pytest.raises(losses.MissingInputError, match="loss 'rloo' with kl_coef > 0 needs input.s. ref_logps"):
+        losses.rloo_loss(batch["policy_logps"], batch["rewards"], batch["lengths"])
 
 
 def test_missing_and_unexpected_inputs_are_named(golden_batch):

@@ -1,0 +1,182 @@
+"""Scorers: what the online trainer calls to turn sampled completions into the scalar reward a loss trains on.
+
+``reward=<name>`` (``conf/reward/NAME.yaml``) scores with one reward function; ``reward=alarm`` composes a holistic
+reward with aspect rewards through ALaRM's hierarchical gate (spec §6, ``losses.alarm``). Every scorer returns
+:class:`Scores`: the total [N], each component's raw values [N] (for logging) and scalar metrics.
+
+    scorer = build_scorer(cfg.reward)
+    scorer.fit(prompts, texts, pieces)        # statistics from reference samples (ALaRM's z-normalisation)
+    scores = scorer(prompts, texts, pieces)   # Scores(total=[N], components={...}, metrics={...})
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from losses.alarm import MODES, alarm_reward
+from prefopt.errors import ConfigError
+from prefopt.rewards import build_reward
+
+__all__ = ["Scores", "RewardScorer", "AlarmScorer", "build_scorer"]
+
+
+@dataclass
+class Scores:
+    total: Tensor  # [N] the reward the loss is trained on
+    components: dict[str, Tensor]  # name -> [N] raw values of each reward involved
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+class RewardScorer:
+    """One reward function: the total is its score."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.reward = build_reward(cfg)
+        self.name = str(cfg.get("name") or getattr(self.reward, "name", "reward"))
+
+    def to(self, device) -> RewardScorer:
+        self.reward = self.reward.to(device)
+        return self
+
+    def fit(self, prompts: Sequence[str], texts: Sequence[str], pieces: Sequence[Sequence[str]]) -> dict[str, Any]:
+        return {}
+
+    def load_stats(self, stats: Mapping[str, Any]) -> None:
+        pass
+
+    def __call__(self, prompts: Sequence[str], texts: Sequence[str], pieces: Sequence[Sequence[str]]) -> Scores:
+        total = self.reward(prompts, texts)
+        return Scores(total, {self.name: total})
+
+
+class AlarmScorer:
+    """ALaRM hierarchical reward (Lai et al. 2024, arXiv 2403.06754) over reward functions from the registry.
+
+    The holistic reward is z-normalised with a mean and std estimated on reference samples before training (or
+    given as ``holistic_mean`` / ``holistic_std``). Each aspect with a non-zero weight contributes either per-token
+    values (``token_level`` aspects: the reward's ``token_scores``, raw, like ALaRM's grammar aspect) or one value on
+    the last token: its sequence score z-normalised with reference statistics (like ALaRM's readability aspect).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        cfg = _plain(cfg)
+        self.cfg = cfg
+        if cfg.get("mode") not in MODES:
+            raise ConfigError(f"reward.mode must be one of {list(MODES)}, got {cfg.get('mode')!r}")
+        self.holistic = build_reward(cfg["holistic"])
+        self.aspects = {name: build_reward(aspect) for name, aspect in (cfg.get("aspects") or {}).items()}
+        weights = {str(k): float(v) for k, v in (cfg.get("weights") or {}).items()}
+        unknown = sorted(set(weights) - set(self.aspects)) + sorted(
+            set(cfg.get("token_level") or []) - set(self.aspects)
+        )
+        if unknown:
+            raise ConfigError(f"reward.weights / reward.token_level name unknown aspect(s): {', '.join(unknown)}")
+        self.weights = weights
+        self.token_level = set(cfg.get("token_level") or [])
+        self.stats: dict[str, tuple[float, float]] = {}
+        if cfg.get("holistic_mean") is not None and cfg.get("holistic_std") is not None:
+            self.stats["holistic"] = (float(cfg["holistic_mean"]), float(cfg["holistic_std"]))
+
+    @property
+    def active(self) -> dict[str, float]:
+        return {name: weight for name, weight in self.weights.items() if weight}
+
+    def to(self, device) -> AlarmScorer:
+        self.holistic = self.holistic.to(device)
+        self.aspects = {name: reward.to(device) for name, reward in self.aspects.items()}
+        return self
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        self.weights = {name: float(weights.get(name, 0.0)) for name in self.aspects}
+
+    def fit(self, prompts: Sequence[str], texts: Sequence[str], pieces: Sequence[Sequence[str]]) -> dict[str, Any]:
+        """Mean and std of the holistic and of every sequence-level aspect on (reference) samples."""
+        values = {"holistic": self.holistic(prompts, texts)}
+        values.update({name: reward(prompts, texts) for name, reward in self.aspects.items()})
+        for name, column in values.items():
+            if name == "holistic" and "holistic" in self.stats:
+                continue
+            std = float(column.double().std(correction=0))
+            self.stats[name] = (float(column.double().mean()), std if std > 1e-8 else 1.0)
+        return {name: {"mean": mean, "std": std} for name, (mean, std) in self.stats.items()}
+
+    def load_stats(self, stats: Mapping[str, Any]) -> None:
+        self.stats.update({name: (float(s["mean"]), float(s["std"])) for name, s in stats.items()})
+
+    def _aspect_tensors(self, prompts, texts, pieces, width: int) -> tuple[dict, dict, dict]:
+        n = len(texts)
+        values, assigned, raw = {}, {}, {}
+        for name, reward in self.aspects.items():
+            raw[name] = reward(prompts, texts)
+            if name not in self.active:
+                continue
+            grid, mask = torch.zeros(n, width), torch.zeros(n, width, dtype=torch.bool)
+            if name in self.token_level:
+                token = reward.token_scores(prompts, texts, pieces)
+                for row, (v, a) in enumerate(zip(token.values, token.assigned, strict=True)):
+                    grid[row, : v.numel()], mask[row, : a.numel()] = v.float(), a.bool()
+            else:
+                mean, std = self._stat(name)
+                last = torch.tensor([max(len(p), 1) - 1 for p in pieces])
+                grid[torch.arange(n), last] = (raw[name] - mean) / std
+                mask[torch.arange(n), last] = True
+            values[name], assigned[name] = grid, mask
+        return values, assigned, raw
+
+    def _stat(self, name: str) -> tuple[float, float]:
+        if name not in self.stats:
+            raise RuntimeError(f"alarm: no statistics for '{name}'; call fit() on reference samples first")
+        return self.stats[name]
+
+    def __call__(self, prompts: Sequence[str], texts: Sequence[str], pieces: Sequence[Sequence[str]]) -> Scores:
+        cfg = self.cfg
+        width = max([len(p) for p in pieces] + [1])
+        holistic = self.holistic(prompts, texts)
+        values, assigned, raw = self._aspect_tensors(prompts, texts, pieces, width)
+        mean, std = self._stat("holistic")
+        lengths = torch.tensor([max(len(p), 1) for p in pieces])
+        too_short = torch.tensor([len(p) < int(cfg.get("min_tokens", 0)) for p in pieces])
+        if not values:  # no active aspect (holistic_only, or every weight 0): a zero aspect layer
+            values, assigned = (
+                {"none": torch.zeros(len(texts), width)},
+                {"none": torch.zeros(len(texts), width, dtype=torch.bool)},
+            )
+        out = alarm_reward(
+            holistic,
+            values,
+            assigned,
+            lengths,
+            aspect_weights=self.active or {"none": 0.0},
+            holistic_mean=mean,
+            holistic_std=std,
+            threshold=float(cfg["threshold"]),
+            holistic_weight=float(cfg["holistic_weight"]),
+            sigmoid_shaping=bool(cfg["sigmoid_shaping"]),
+            mode=str(cfg["mode"]),
+            too_short=too_short,
+        )
+        metrics = {k: float(v) for k, v in out.metrics.items() if k != "alarm/aspect/none"}
+        metrics["alarm/passed_gate_frac"] = float(out.passed_gate.float().mean())
+        return Scores(out.sequence_rewards.float(), {"holistic": holistic, **raw}, metrics)
+
+
+def build_scorer(cfg: Mapping[str, Any]) -> RewardScorer | AlarmScorer:
+    """``reward=alarm`` (a config with a ``holistic`` reward) -> :class:`AlarmScorer`; any other reward config ->
+    :class:`RewardScorer`."""
+    return AlarmScorer(cfg) if "holistic" in cfg else RewardScorer(cfg)
+
+
+def save_stats(path: Path, stats: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(stats, indent=2))

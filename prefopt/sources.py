@@ -1,0 +1,302 @@
+"""Batch sources: where each optimizer step's micro-batches come from. The step function does not know which.
+
+* :class:`OfflineSource` — preference pairs from the dataset, in a seeded per-epoch order (``trainer=default``).
+* :class:`OnlineSource` — every step, ``samples_per_prompt`` completions per prompt sampled from the current policy,
+  scored by the configured reward (``prefopt.scoring``), then shaped for the loss's kind: pairs (best vs worst, or
+  every ordered pair whose reward gap exceeds a margin) for pairwise losses, groups of k scored samples for group
+  losses (``rloo``). Reference log-probs come from the frozen initial policy at sampling time and travel with the
+  batch like precomputed ones (``trainer=online``).
+
+A source's ``draw(policy, step)`` returns a :class:`Draw`: this process's micro-batches, sampling metrics and, now
+and then, a small table of samples to log. ``state()`` / ``load_state()`` make the data position resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prefopt import rewards
+from prefopt.generation import decode_completions, sample_completions
+from prefopt.reference import logps_of
+from prefopt.scoring import Scores
+
+__all__ = ["Order", "Draw", "OfflineSource", "OnlineSource"]
+
+log = logging.getLogger("prefopt")
+
+
+@dataclass
+class Order:
+    """Seeded permutation per epoch; (epoch, position) is the resumable data position."""
+
+    size: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+
+    def _permutation(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=gen).tolist()
+
+    def take(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            permutation = self._permutation()
+            chunk = permutation[self.position : self.position + count - len(out)]
+            out += chunk
+            self.position += len(chunk)
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    @property
+    def epochs(self) -> float:
+        return self.epoch + self.position / self.size
+
+
+@dataclass
+class Draw:
+    micro_batches: list[list[dict]]  # this process's examples, one list per accumulation micro-step
+    metrics: dict[str, float] = field(default_factory=dict)  # sampling statistics (online)
+    table: list[dict] | None = None  # a few samples to log
+
+
+class OfflineSource:
+    """Dataset pairs: ``batch_size`` per step (global), this process's share split into micro-batches."""
+
+    def __init__(self, examples: list[dict], *, batch_size: int, micro: int, rank: int, world: int, seed: int):
+        self.examples, self.batch_size, self.micro, self.rank, self.world = examples, batch_size, micro, rank, world
+        self.order = Order(len(examples), seed)
+        self.accumulation = batch_size // (micro * world)
+
+    def draw(self, policy, step: int) -> Draw:
+        indices = self.order.take(self.batch_size)[self.rank :: self.world]
+        micro, examples = self.micro, self.examples
+        return Draw([[examples[i] for i in indices[m * micro : (m + 1) * micro]] for m in range(self.accumulation)])
+
+    def state(self) -> dict[str, Any]:
+        return self.order.state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.order.load_state(state)
+
+
+def unique_prompts(examples: Sequence[dict]) -> list[dict]:
+    """Distinct prompts (by token ids) of ``examples``, in first-seen order: ``{prompt, prompt_ids}``."""
+    seen: dict[tuple[int, ...], dict] = {}
+    for example in examples:
+        seen.setdefault(
+            tuple(example["prompt_ids"]), {"prompt": example["prompt"], "prompt_ids": example["prompt_ids"]}
+        )
+    return list(seen.values())
+
+
+class OnlineSource:
+    """Sample -> score -> pairs or groups, every step, from the current policy (see the module docstring)."""
+
+    def __init__(
+        self,
+        prompts: list[dict],
+        eval_prompts: list[dict],
+        *,
+        tokenizer,
+        scorer,
+        reference,
+        kind: str,
+        carry_reference: bool,
+        aux_rewards: Sequence[str] = (),
+        cfg,
+        batch_size: int,
+        micro: int,
+        rank: int,
+        world: int,
+        seed: int,
+        device,
+    ):
+        if not prompts:
+            raise ValueError("online training needs at least one prompt")
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.tokenizer, self.scorer, self.reference, self.kind = tokenizer, scorer, reference, kind
+        self.carry_reference, self.aux_rewards, self.cfg = carry_reference, list(aux_rewards), cfg
+        self.batch_size, self.micro, self.rank, self.world, self.seed = batch_size, micro, rank, world, seed
+        self.device = device
+        self.k = int(cfg.samples_per_prompt)
+        if self.k < 2:
+            raise ValueError(f"trainer.online.samples_per_prompt must be >= 2 to rank samples, got {self.k}")
+        self.order = Order(len(prompts), seed)
+        self.accumulation = batch_size // (micro * world)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def generate(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
+        """k completions per prompt from ``model``: prompt ids and texts, completion ids, texts and token pieces."""
+        cfg = self.cfg
+        prompt_ids = [p["prompt_ids"] for p in prompts for _ in range(k)]
+        completions = sample_completions(
+            model,
+            self.tokenizer,
+            prompt_ids,
+            max_new_tokens=int(cfg.max_new_tokens),
+            temperature=float(cfg.temperature),
+            top_p=float(cfg.top_p),
+            batch_size=int(cfg.generation_batch_size),
+            seed=seed,
+            device=self.device,
+        )
+        texts, pieces = decode_completions(self.tokenizer, completions)
+        prompt_texts = [p["prompt"] for p in prompts for _ in range(k)]
+        return {
+            "prompt_ids": prompt_ids,
+            "prompts": prompt_texts,
+            "completions": completions,
+            "texts": texts,
+            "pieces": pieces,
+        }
+
+    def fit_scorer(self, model) -> dict[str, Any]:
+        """Reward statistics (ALaRM's z-normalisation) from samples of ``model`` (the reference) on the first
+        ``fit_prompts`` train prompts; the same samples on every process."""
+        prompts = self.prompts[: int(self.cfg.fit_prompts)]
+        generated = self.generate(model, prompts, self.k, seed=f"{self.seed}/fit")
+        return self.scorer.fit(generated["prompts"], generated["texts"], generated["pieces"])
+
+    def sample(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
+        """:meth:`generate`, then scores and the policy's and reference's log-probs of every sample."""
+        generated = self.generate(model, prompts, k, seed)
+        prompt_ids, completions = generated["prompt_ids"], generated["completions"]
+        scores: Scores = self.scorer(generated["prompts"], generated["texts"], generated["pieces"])
+        cfg = self.cfg
+        sequences = [
+            {"prompt_ids": p, "completion_ids": c or [self.tokenizer.eos_token_id]}
+            for p, c in zip(prompt_ids, completions, strict=True)
+        ]
+        batch = int(cfg.generation_batch_size)
+        pad = self.tokenizer.pad_token_id
+        policy_logps = logps_of(model, sequences, pad, batch, self.device)
+        ref_logps = logps_of(self.reference, sequences, pad, batch, self.device) if self.reference is not None else None
+        return {**generated, "scores": scores, "policy_logps": policy_logps, "ref_logps": ref_logps}
+
+    def _metrics(self, sampled: dict, prefix: str = "") -> dict[str, float]:
+        scores: Scores = sampled["scores"]
+        eos = self.tokenizer.eos_token_id
+        lengths = torch.tensor([len(c) for c in sampled["completions"]], dtype=torch.float64)
+        metrics = {
+            "reward/mean": float(scores.total.double().mean()),
+            "reward/std": float(scores.total.double().std(correction=0)),
+            "response_length": float(lengths.mean()),
+            "eos_frac": sum(bool(c) and c[-1] == eos for c in sampled["completions"]) / len(sampled["completions"]),
+            **{f"reward/{name}": float(v.double().mean()) for name, v in scores.components.items()},
+            **scores.metrics,
+        }
+        if sampled["ref_logps"] is not None:  # sampled KL(π‖π_ref): mean of log π(y) − log π_ref(y), y ~ π
+            metrics["kl"] = float((sampled["policy_logps"] - sampled["ref_logps"]).double().mean())
+        return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+    # ----------------------------------------------------------------------------------------------- one step
+    def draw(self, policy, step: int) -> Draw:
+        indices = self.order.take(self.batch_size)[self.rank :: self.world]
+        prompts = [self.prompts[i] for i in indices]
+        sampled = self.sample(policy, prompts, self.k, seed=f"{self.seed}/online/{step}/{self.rank}")
+        build = self._pairs if self.kind == "pair" else self._groups
+        per_prompt, dropped = build(sampled, len(prompts))
+        micro_batches = [sum(per_prompt[m * self.micro : (m + 1) * self.micro], []) for m in range(self.accumulation)]
+        metrics = self._metrics(sampled, "online/")
+        metrics["online/items"] = float(sum(map(len, micro_batches)))
+        metrics["online/tied_prompts_frac"] = dropped / len(prompts)
+        table = None
+        every = int(self.cfg.table_every or 0)
+        if every and ((step + 1) % every == 0 or step == 0):  # logged as steps 1, every, 2 * every, ...
+            table = self._table(sampled)
+        return Draw(micro_batches, metrics, table)
+
+    def _rewards(self, sampled: dict) -> torch.Tensor:
+        return sampled["scores"].total.double().reshape(-1, self.k)  # [G, K]
+
+    def _pairs(self, sampled: dict, n_prompts: int) -> tuple[list[list[dict]], int]:
+        """Per prompt: (best, worst) by reward, or every (i, j) with r_i − r_j > margin; ties give no pair."""
+        rewards_gk = self._rewards(sampled)
+        margin, mode = float(self.cfg.pair_margin), str(self.cfg.pairing)
+        aux = None
+        if self.aux_rewards:
+            aux = rewards.score_completions(self.aux_rewards, sampled["prompts"], sampled["texts"], normalize=True)
+        per_prompt, tied = [], 0
+        for g in range(n_prompts):
+            r = rewards_gk[g]
+            if mode == "best_worst":
+                best, worst = int(r.argmax()), int(r.argmin())
+                candidates = [(best, worst)] if r[best] - r[worst] > margin else []
+            elif mode == "all":
+                candidates = [(i, j) for i in range(self.k) for j in range(self.k) if r[i] - r[j] > margin]
+            else:
+                raise ValueError(f"trainer.online.pairing must be best_worst or all, got {mode!r}")
+            tied += not candidates
+            per_prompt.append([self._pair(sampled, g * self.k + i, g * self.k + j, aux) for i, j in candidates])
+        return per_prompt, tied
+
+    def _pair(self, sampled: dict, i: int, j: int, aux) -> dict:
+        eos = self.tokenizer.eos_token_id
+        pair = {
+            "prompt_ids": sampled["prompt_ids"][i],
+            "chosen_ids": sampled["completions"][i] or [eos],
+            "rejected_ids": sampled["completions"][j] or [eos],
+        }
+        if self.carry_reference:
+            pair["ref_chosen_logps"] = float(sampled["ref_logps"][i])
+            pair["ref_rejected_logps"] = float(sampled["ref_logps"][j])
+        if aux is not None:
+            pair["aux_rewards_chosen"], pair["aux_rewards_rejected"] = aux[i].tolist(), aux[j].tolist()
+        return pair
+
+    def _groups(self, sampled: dict, n_prompts: int) -> tuple[list[list[dict]], int]:
+        """Per prompt: one group of k completions with their rewards (and reference log-probs)."""
+        rewards_gk = self._rewards(sampled)
+        eos = self.tokenizer.eos_token_id
+        per_prompt, tied = [], 0
+        for g in range(n_prompts):
+            rows = range(g * self.k, (g + 1) * self.k)
+            group = {
+                "prompt_ids": sampled["prompt_ids"][g * self.k],
+                "completions": [sampled["completions"][i] or [eos] for i in rows],
+                "rewards": rewards_gk[g].tolist(),
+            }
+            if sampled["ref_logps"] is not None:
+                group["ref_logps"] = [float(sampled["ref_logps"][i]) for i in rows]
+            tied += bool((rewards_gk[g] == rewards_gk[g][0]).all())
+            per_prompt.append([group])
+        return per_prompt, tied
+
+    def _table(self, sampled: dict) -> list[dict]:
+        rows = []
+        scores: Scores = sampled["scores"]
+        for i in range(min(int(self.cfg.table_rows), len(sampled["texts"]))):
+            row = {"prompt": sampled["prompts"][i], "completion": sampled["texts"][i], "reward": float(scores.total[i])}
+            row.update({name: float(v[i]) for name, v in scores.components.items()})
+            rows.append(row)
+        return rows
+
+    # -------------------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self, policy) -> dict[str, float]:
+        """Reward, KL and length of samples on the eval prompts (this process's shard), same seed every time."""
+        prompts = self.eval_prompts[: int(self.cfg.eval_prompts)][self.rank :: self.world]
+        if not prompts:
+            return {}
+        k = int(self.cfg.eval_samples_per_prompt)
+        sampled = self.sample(policy, prompts, k, seed=f"{self.seed}/eval/{self.rank}")
+        return self._metrics(sampled)
+
+    def state(self) -> dict[str, Any]:
+        return self.order.state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.order.load_state(state)

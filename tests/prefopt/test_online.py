@@ -1,0 +1,212 @@
+"""Online mode on the tiny model (warm-started by a short cached SFT): sampling -> reward -> pairs or groups -> the
+same registered losses; the reward rises with dpo and with rloo; ALaRM runs as a reward, with its statistics and
+selection; online runs resume on the same trajectory."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefopt
+from losses.alarm import alarm_reward
+from prefopt.errors import ConfigError
+from prefopt.rewards.base import Reward, TokenScores
+from prefopt.scoring import AlarmScorer, RewardScorer, build_scorer
+
+from .test_trainer import TINY_MODEL
+
+SFT = ["model.sft.steps=200", "model.sft.lr=1e-2", "model.sft.n_rows=600"]
+ONLINE = [
+    *[
+        o
+        for o in TINY_MODEL
+        if not o.startswith(("model.sft", "model.vocab_size", "trainer.batch_size", "trainer.eval"))
+    ],
+    *SFT,
+    "trainer=online",
+    "trainer.batch_size=8",
+    "trainer.online.samples_per_prompt=4",
+    "trainer.online.max_new_tokens=20",
+    "trainer.online.fit_prompts=16",
+    "trainer.online.eval_prompts=16",
+    "trainer.eval_every=0",
+    "trainer.online.table_every=5",
+    "data.n_train=200",
+    "data.n_eval=40",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("online-cache")
+
+
+def run(tmp_path: Path, cache_dir: Path, *overrides: str, name: str = "run") -> dict:
+    cfg = prefopt.compose([*ONLINE, f"cache_dir={cache_dir}", *overrides])
+    return prefopt.fit(cfg, run_dir=tmp_path / name)
+
+
+def lines(summary: dict) -> list[dict]:
+    return [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
+
+
+def rewards_by_step(summary: dict) -> list[float]:
+    return [line["online/reward/mean"] for line in lines(summary) if "online/reward/mean" in line]
+
+
+@pytest.mark.parametrize(
+    ("loss", "extra"),
+    [("dpo", ["loss.beta=0.1", "trainer.lr=2e-3"]), ("rloo", ["loss.kl_coef=0.01", "trainer.lr=2e-3"])],
+)
+def test_online_training_raises_the_reward(tmp_path, cache_dir, loss, extra):
+    summary = run(tmp_path, cache_dir, f"loss={loss}", "reward=lexicon", "trainer.max_steps=24", *extra)
+    curve = rewards_by_step(summary)
+    assert len(curve) == 24
+    first, last = sum(curve[:6]) / 6, sum(curve[-6:]) / 6
+    assert last > first + 0.5, curve
+    assert summary["source"] == "online"
+    final = summary["train"]
+    assert final["online/kl"] > 0  # the policy moved away from the reference
+    assert 0 < final["online/response_length"] <= 20
+
+
+def test_online_metrics_and_sample_tables(tmp_path, cache_dir):
+    summary = run(tmp_path, cache_dir, "loss=ipo", "reward=length", "trainer.max_steps=5", "trainer.eval_every=5")
+    logged = lines(summary)
+    tables = [line for line in logged if "samples" in line]
+    assert [t["step"] for t in tables] == [1, 5]
+    assert set(tables[0]["samples"][0]) >= {"prompt", "completion", "reward", "length"}
+    train = [line for line in logged if "loss" in line]
+    assert {"online/reward/mean", "online/reward/std", "online/reward/length", "online/kl", "online/eos_frac"} <= set(
+        train[-1]
+    )
+    evaluation = [line for line in logged if "eval/reward/mean" in line]
+    assert [line["step"] for line in evaluation] == [5] and "eval/kl" in evaluation[0]
+
+
+def test_online_upo_and_mpo_get_their_inputs(tmp_path, cache_dir):
+    for loss in ("upo", "mpo"):
+        summary = run(tmp_path, cache_dir, f"loss={loss}", "trainer.max_steps=2", name=loss)
+        assert summary["steps"] == 2 and "loss" in summary["train"]
+
+
+def test_group_loss_offline_is_a_config_error(tmp_path, cache_dir):
+    cfg = prefopt.compose([*TINY_MODEL, "loss=rloo", f"cache_dir={cache_dir}"])
+    with pytest.raises(ConfigError, match="group loss .* trainer=online"):
+        prefopt.fit(cfg, run_dir=tmp_path / "x")
+
+
+def test_online_resume_continues_the_same_trajectory(tmp_path, cache_dir):
+    base = ["loss=dpo", "reward=lexicon", "trainer.max_steps=6", "trainer.online.table_every=0"]
+    full = run(tmp_path, cache_dir, *base, "trainer.save_every=3", name="full")
+    checkpoint = Path(full["run_dir"]) / "checkpoints" / "step-3"
+    resumed = run(tmp_path, cache_dir, *base, f"trainer.resume={checkpoint}", name="resumed")
+    tail = [line for line in lines(full) if line["step"] > 3]
+    again = lines(resumed)
+    assert [line["step"] for line in again] == [4, 5, 6]
+    for a, b in zip(tail, again, strict=True):
+        assert a["online/reward/mean"] == b["online/reward/mean"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------- ALaRM
+def test_alarm_online_run_writes_statistics_and_gate_metrics(tmp_path, cache_dir):
+    summary = run(tmp_path, cache_dir, "loss=rloo", "reward=alarm", "trainer.max_steps=3")
+    stats = json.loads((Path(summary["run_dir"]) / "reward_stats.json").read_text())
+    assert set(stats) == {"holistic", "readability", "conciseness", "repetition"}
+    assert all(s["std"] > 0 for s in stats.values())
+    final = summary["train"]
+    for key in ("alarm/frac_above_threshold", "alarm/holistic_z_mean", "reward/holistic", "reward/repetition"):
+        assert f"online/{key}" in final
+    assert 0.0 <= final["online/alarm/frac_above_threshold"] <= 1.0
+
+
+def test_alarm_select_auto_keeps_the_consistent_aspect(tmp_path, cache_dir):
+    # holistic = word count; aspect "longer" agrees with it by construction, "shorter" (conciseness) disagrees.
+    overrides = [
+        "loss=dpo",
+        "reward=alarm",
+        "reward.holistic={name: length}",
+        "~reward.aspects",
+        "+reward.aspects={longer: {name: length}, shorter: {name: conciseness}}",
+        "~reward.weights",
+        "+reward.weights={longer: 1.0, shorter: 1.0}",
+        "reward.token_level=[]",
+        "reward.select=auto",
+        "reward.select_top_k=1",
+        "reward.select_prompts=16",
+        "trainer.max_steps=1",
+    ]
+    summary = run(tmp_path, cache_dir, *overrides)
+    selection = json.loads((Path(summary["run_dir"]) / "reward_selection.json").read_text())
+    assert selection["selected"] == ["longer"]
+    assert selection["rates"]["longer"] == 0.0 and selection["rates"]["shorter"] == 1.0
+    assert selection["weights"] == {"longer": 1.0, "shorter": 0.0}
+
+
+def test_gate_never_ranks_a_passing_response_below_a_failing_one():
+    torch.manual_seed(0)
+    n, width = 400, 12
+    holistic = torch.randn(n) * 2
+    aspects = {"a": torch.randn(n, width) * 3, "b": torch.randn(n, width)}
+    assigned = {name: torch.rand(n, width) < 0.4 for name in aspects}
+    lengths = torch.randint(1, width + 1, (n,))
+    kwargs = {"aspect_weights": {"a": 1.0, "b": 0.5}, "holistic_mean": 0.0, "holistic_std": 1.0, "threshold": 0.5}
+    out = alarm_reward(holistic, aspects, assigned, lengths, holistic_weight=3.0, sigmoid_shaping=True, **kwargs)
+    passed, returns = out.passed_gate, out.sequence_rewards
+    assert passed.any() and (~passed).any()
+    assert returns[passed].min() > returns[~passed].max()
+    # at equal holistic score, adding the aspect layer never lowers a response below holistic-only
+    only = alarm_reward(holistic, aspects, assigned, lengths, holistic_weight=3.0, mode="holistic_only", **kwargs)
+    assert bool((returns >= only.sequence_rewards - 1e-6).all())
+
+
+def test_alarm_scorer_matches_spec_arithmetic():
+    # spec §11.2 MT: raw 0.0, z = 0.795637 >= 0.5; ten tokens, two in an error span (w = 1): 8*0.5 + 2*0.268941
+    # plus 3z = 6.924794. Here the error-span aspect is a per-token reward: -1 on tokens 3 and 4, 0 elsewhere.
+    scorer = AlarmScorer(
+        {
+            "name": "alarm",
+            "holistic": {"_target_": "tests.prefopt.test_online.zero_reward"},
+            "aspects": {"grammar": {"_target_": "tests.prefopt.test_online.ErrorSpanReward"}},
+            "weights": {"grammar": 1.0},
+            "token_level": ["grammar"],
+            "mode": "hierarchical",
+            "threshold": 0.5,
+            "holistic_weight": 3.0,
+            "sigmoid_shaping": True,
+            "min_tokens": 2,
+            "holistic_mean": -2.34417221913525,
+            "holistic_std": 2.946283030347152,
+        }
+    )
+    pieces = [[f"t{i} " for i in range(10)], ["x"]]
+    scores = scorer(["p", "p"], ["".join(pieces[0]), "x"], pieces)
+    assert scores.total[0].item() == pytest.approx(6.924794, abs=1e-5)
+    assert scores.total[1].item() == pytest.approx(-30.0)  # too short: W_h * -10
+    assert set(scores.components) == {"holistic", "grammar"}
+
+
+def zero_reward(prompts, completions):
+    return torch.zeros(len(completions))
+
+
+class ErrorSpanReward(Reward):
+    """A per-token reward like ALaRM's grammar aspect: every token assigned, -1 on tokens 3 and 4."""
+
+    name = "grammar"
+
+    def score(self, prompts, completions):
+        return torch.zeros(len(completions))
+
+    def token_scores(self, prompts, completions, tokens):
+        values = [torch.tensor([-1.0 if i in (3, 4) else 0.0 for i in range(len(t))]) for t in tokens]
+        return TokenScores(values, [torch.ones(len(t), dtype=torch.bool) for t in tokens])
+
+
+def test_build_scorer_picks_the_composite_for_alarm():
+    assert isinstance(build_scorer({"name": "lexicon"}), RewardScorer)
+    assert isinstance(build_scorer(dict(prefopt.compose(["reward=alarm"]).reward)), AlarmScorer)
+    with pytest.raises(ConfigError, match="unknown aspect"):
+        AlarmScorer({**dict(prefopt.compose(["reward=alarm"]).reward), "weights": {"nope": 1.0}})
