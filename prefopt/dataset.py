@@ -1,20 +1,33 @@
 """Data config -> tokenized train/eval pairs: the embedded synthetic task, a local file, or a hub dataset, through
-``prefopt.data`` (format conversion, validation with row/field errors, tokenization and truncation rules)."""
+``prefopt.data`` (format conversion, validation with row/field errors, tokenization and truncation rules).
+
+With a ``cache_dir``, the tokenized pairs are cached as ``cache_dir/data/<key>.json``, keyed by everything that
+decides them: the data config, the tokenizer (its serialised model, special tokens, chat template and how it encodes
+a probe), the code of the data pipeline and, for local files, each file's path, size and modification time. A hit
+skips loading and tokenizing. The file is written atomically (temporary file + rename) and carries a checksum of its
+body: an unreadable, truncated or altered file is ignored with a warning and rebuilt, never used. Hub data sets are
+not cached (the same name can change upstream; ``datasets`` caches the download itself).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from prefopt import data as data_lib
 from prefopt import synthetic
 from prefopt.errors import ConfigError
 
-__all__ = ["PreparedData", "prepare_data", "load_standard_rows"]
+__all__ = ["PreparedData", "prepare_data", "load_standard_rows", "data_cache_key", "tokenizer_fingerprint"]
 
 log = logging.getLogger("prefopt.data")
 
@@ -63,8 +76,24 @@ def _limit(rows: list[dict], limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def prepare_data(cfg, tokenizer) -> PreparedData:
-    """Load, convert, validate and tokenize; rows left with an empty completion are dropped and counted."""
+def prepare_data(cfg, tokenizer, cache_dir: str | Path | None = None) -> PreparedData:
+    """Load, convert, validate and tokenize; rows left with an empty completion are dropped and counted.
+
+    With ``cache_dir``, the result is read from / written to ``cache_dir/data/<key>.json`` (see the module
+    docstring); without it nothing is cached."""
+    key = data_cache_key(cfg, tokenizer) if cache_dir is not None else None
+    path = Path(cache_dir).expanduser() / "data" / f"{key}.json" if key else None
+    if path is not None:
+        cached = _read_cache(path, key)
+        if cached is not None:
+            return cached
+    prepared = _prepare(cfg, tokenizer)
+    if path is not None:
+        _write_cache(path, key, prepared)
+    return prepared
+
+
+def _prepare(cfg, tokenizer) -> PreparedData:
     train_rows, eval_rows, load_stats = load_standard_rows(cfg, tokenizer)
     train_rows, eval_rows = _limit(train_rows, cfg.get("max_train_rows")), _limit(eval_rows, cfg.get("max_eval_rows"))
     lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
@@ -78,3 +107,143 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     stats = {"load": load_stats, "tokenize_train": train_stats, "tokenize_eval": eval_stats}
     log.info("data: %d train pairs, %d eval pairs", len(train), len(evaluation))
     return PreparedData(train, evaluation, digest.hexdigest()[:16], stats)
+
+
+# ------------------------------------------------------------------------------------------------------ the cache
+CACHE_FORMAT = "prefopt-data-v1"  # bump when the cached layout changes
+_PIPELINE_FILES = ("dataset.py", "synthetic.py", "data/formats.py", "data/loading.py", "data/tokenize.py")
+_pipeline_sha: str | None = None
+
+
+def _sha(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _pipeline_fingerprint() -> str:
+    """Hash of the source of the modules that load and tokenize data: editing them invalidates cached pairs."""
+    global _pipeline_sha
+    if _pipeline_sha is None:
+        root = Path(__file__).resolve().parent
+        digest = hashlib.sha256()
+        for name in _PIPELINE_FILES:
+            file = root / name
+            digest.update(name.encode() + b"\0" + (file.read_bytes() if file.exists() else b"") + b"\0")
+        _pipeline_sha = digest.hexdigest()
+    return _pipeline_sha
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides how ``tokenizer`` encodes: its serialised fast tokenizer (vocabulary, merges,
+    normaliser, pre-tokeniser, post-processor, added tokens; padding/truncation settings left out, prefopt encodes
+    without them) or, for a slow tokenizer, its vocabulary; the special tokens, the chat template, and the ids it gives
+    a probe with and without special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        model = _sha(state)
+    else:
+        model = _sha(sorted(tokenizer.get_vocab().items()))
+    probe = "Hello world: a probe, 123."
+    payload = {
+        "class": type(tokenizer).__name__,
+        "model": model,
+        "special_tokens": {name: str(value) for name, value in tokenizer.special_tokens_map.items()},
+        "special_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "probe": [tokenizer(probe)["input_ids"], tokenizer(probe, add_special_tokens=False)["input_ids"]],
+    }
+    return _sha(payload)[:16]
+
+
+def _plain(cfg) -> Any:
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return {str(k): _plain(v) for k, v in cfg.items()} if isinstance(cfg, Mapping) else cfg
+
+
+def _file_stat(path: Any) -> list[Any] | None:
+    """(resolved path, size, mtime in ns) of a local data file, or None when it does not exist (then loading raises
+    the usual error and nothing is cached)."""
+    if not path:
+        return None
+    file = Path(str(path)).expanduser().resolve()
+    if not file.is_file():
+        return None
+    stat = file.stat()
+    return [str(file), stat.st_size, stat.st_mtime_ns]
+
+
+def data_cache_key(cfg, tokenizer) -> str | None:
+    """The cache key of ``prepare_data(cfg, tokenizer)``, or None when the source is not cached (hub data sets)."""
+    source = cfg.get("source")
+    if source not in ("synthetic", "local"):
+        return None
+    files = [_file_stat(cfg.get("path")), _file_stat(cfg.get("eval_path"))] if source == "local" else []
+    payload = [CACHE_FORMAT, _plain(cfg), tokenizer_fingerprint(tokenizer), _pipeline_fingerprint(), files]
+    return _sha(payload)[:24]
+
+
+def _read_cache(path: Path, key: str) -> PreparedData | None:
+    """The cached data at ``path``, or None when absent; a file that fails any check is reported and ignored."""
+    if not path.exists():
+        return None
+    try:
+        header_line, _, body = path.read_bytes().partition(b"\n")
+        header = json.loads(header_line)
+        if header.get("format") != CACHE_FORMAT or header.get("key") != key:
+            raise ValueError("its header does not match")
+        if hashlib.sha256(body).hexdigest() != header.get("sha256"):
+            raise ValueError("checksum mismatch")
+        payload = json.loads(body)
+        train, evaluation = payload["train"], payload["eval"]
+        for example in train + evaluation:
+            if not all(isinstance(example[k], list) for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
+                raise ValueError("an example has no token ids")
+        prepared = PreparedData(train, evaluation, str(payload["fingerprint"]), payload["stats"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        log.warning("data cache %s is unusable (%s); rebuilding it", path, error)
+        return None
+    log.info("data: %d train pairs, %d eval pairs (cached: %s)", len(train), len(evaluation), path)
+    _replay_warnings(prepared.stats)
+    return prepared
+
+
+def _write_cache(path: Path, key: str, prepared: PreparedData) -> None:
+    """Write atomically: a temporary file next to ``path``, renamed over it when complete."""
+    payload = {"train": prepared.train, "eval": prepared.eval, "fingerprint": prepared.fingerprint}
+    try:
+        body = json.dumps({**payload, "stats": prepared.stats}, allow_nan=True).encode("utf-8")
+    except (TypeError, ValueError) as error:  # a field of the data that JSON cannot hold
+        log.warning("data not cached: %s", error)
+        return
+    header = json.dumps({"format": CACHE_FORMAT, "key": key, "sha256": hashlib.sha256(body).hexdigest()})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as handle:
+            handle.write(header.encode("utf-8") + b"\n" + body)
+        os.replace(tmp, path)
+    except OSError as error:  # a read-only or full cache dir costs the cache, not the run
+        log.warning("data not cached at %s: %s", path, error)
+        tmp.unlink(missing_ok=True)
+
+
+def _counts(stats: Any, name: str) -> int:
+    """The sum of every ``name`` count in a nested stats dict."""
+    if isinstance(stats, Mapping):
+        return sum(_counts(v, name) if k != name else int(v or 0) for k, v in stats.items())
+    return 0
+
+
+def _replay_warnings(stats: dict[str, Any]) -> None:
+    """A cache hit skips loading and tokenizing, so repeat (in one line) what they warned about."""
+    skipped, dropped, truncated = (_counts(stats, n) for n in ("skipped", "dropped_empty_completion", "truncated"))
+    if skipped or dropped or truncated:
+        log.warning(
+            "cached data: skipped %d rows with bad data, dropped %d pairs with an empty completion, truncated %d",
+            skipped,
+            dropped,
+            truncated,
+        )

@@ -171,11 +171,13 @@ def _metrics_line(step: int, out_metrics: dict[str, float], prefix: str = "") ->
 
 
 class _Averager:
-    """Mean of the loss and metrics over micro-batches, kept as tensors: one host transfer per step, not per metric."""
+    """Mean of the loss and metrics over micro-batches, kept as tensors: one host transfer per step, not per metric.
+    Also counts the non-pad tokens forwarded (``tokens``)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.tokens = 0
 
     def add(self, out: losses.LossOutput) -> None:
         self.count += 1
@@ -264,14 +266,7 @@ def _online(cfg, *, policy, tokenizer, data, fingerprint, loss_fn, micro, accele
         seed=tcfg.seed,
         device=accelerator.device,
     )
-    stats_path = run_dir / "reward_stats.json"
-    if stats_path.exists() and tcfg.resume not in (False, None, "false", "False"):
-        scorer.load_stats(json.loads(stats_path.read_text()))
-    else:
-        _select_aspects(cfg, source, scorer, reference, run_dir, accelerator)
-        stats = source.fit_scorer(reference)
-        if accelerator.is_main_process and stats:
-            stats_path.write_text(json.dumps(stats, indent=2))
+    _prepare_scorer(cfg, source, scorer, reference, run_dir, accelerator)
 
     def evaluate(model, step_fn, step):
         return _reduce(accelerator, source.evaluate(accelerator.unwrap_model(model)))
@@ -284,17 +279,29 @@ def _online(cfg, *, policy, tokenizer, data, fingerprint, loss_fn, micro, accele
     return Setup(source, None, evaluate, summary)
 
 
-def _select_aspects(cfg, source, scorer, reference, run_dir: Path, accelerator) -> None:
-    """``reward.select: auto``: ALaRM's consistency-based aspect selection on reference samples, before training."""
-    if cfg.reward.get("select", "none") != "auto":
-        return
-    from prefopt.select_rewards import format_table, select
+def _prepare_scorer(cfg, source, scorer, reference, run_dir: Path, accelerator) -> None:
+    """Before training: ``reward.select: auto`` runs ALaRM's consistency-based aspect selection on reference samples
+    (``reward_selection.json``), then the scorer's statistics (ALaRM's z-normalisation) are estimated on reference
+    samples (``reward_stats.json``). A resumed run reloads both from the run dir instead."""
+    stats_path, selection_path = run_dir / "reward_stats.json", run_dir / "reward_selection.json"
+    resuming = cfg.trainer.resume not in (False, None, "false", "False")
+    if cfg.reward.get("select", "none") == "auto":
+        if resuming and selection_path.exists():
+            result = json.loads(selection_path.read_text())
+        else:
+            from prefopt.select_rewards import format_table, select
 
-    result = select(cfg.reward, source, reference, scorer)
-    scorer.set_weights(result["weights"])
-    if accelerator.is_main_process:
-        (run_dir / "reward_selection.json").write_text(json.dumps(result, indent=2))
-        log.info("reward selection:\n%s", format_table(result))
+            result = select(cfg.reward, source, reference, scorer)
+            if accelerator.is_main_process:
+                selection_path.write_text(json.dumps(result, indent=2))
+            log.info("reward selection:\n%s", format_table(result))
+        scorer.set_weights(result["weights"])
+    if resuming and stats_path.exists():
+        scorer.load_stats(json.loads(stats_path.read_text()))
+        return
+    stats = source.fit_scorer(reference)
+    if accelerator.is_main_process and stats:
+        stats_path.write_text(json.dumps(stats, indent=2))
 
 
 SOURCES = {"offline": _offline, "online": _online}
@@ -332,7 +339,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     fingerprint = warm_start(
         policy, tokenizer, cfg.model.get("sft"), fingerprint=fingerprint, cache_dir=cache_dir, device=device
     )
-    data = prepare_data(cfg.data, tokenizer)
+    data = prepare_data(cfg.data, tokenizer, cache_dir=cache_dir)
     setup = SOURCES[source_name](
         cfg,
         policy=policy,
@@ -411,8 +418,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
         disable=not accelerator.is_main_process or not tcfg.progress_bar,
         desc=f"{loss_fn.name}",
     )
+    if tcfg.get("eval_at_start") and tcfg.eval_every and step == 0:  # the starting point of the curves
+        _log(accelerator, metrics_path, _metrics_line(0, setup.evaluate(policy, step_fn, 0), "eval/"))
     policy.train()
+    summary["seconds_to_first_step"] = round(time.time() - started, 2)  # setup: tokenizer, model, data, reference
     while step < tcfg.max_steps:
+        step_started = time.perf_counter()
         draw = source.draw(accelerator.unwrap_model(policy), step)
         averager, problem = _accumulate(accelerator, policy, step_fn, draw.micro_batches, step)
         empty = _agree(accelerator, None if averager.count else "no training items (every sampled reward tied)")
@@ -425,7 +436,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
             optimizer.step()
             scheduler.scheduler.step()
             guard.ok()
-            line = last_train = {**_reduce(accelerator, {**averager.mean(), **draw.metrics}), "grad_norm": grad_norm}
+            perf = {"perf/step_seconds": time.perf_counter() - step_started, "perf/tokens": float(averager.tokens)}
+            line = last_train = {
+                **_reduce(accelerator, {**averager.mean(), **draw.metrics, **perf}),
+                "grad_norm": grad_norm,
+            }
+            _perf_totals(line, accelerator.num_processes)
         elif problem is None:
             log.warning("step %d skipped: %s", step, empty)
             line = {"skipped": 1, **_reduce(accelerator, draw.metrics)}
@@ -475,6 +491,13 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _perf_totals(line: dict[str, float], world: int) -> None:
+    """``perf/tokens`` over all processes (it was averaged with the other metrics) and tokens per second; the step
+    time is the mean over processes (they synchronise on the gradient all-reduce)."""
+    line["perf/tokens"] *= world
+    line["perf/tokens_per_second"] = line["perf/tokens"] / max(line["perf/step_seconds"], 1e-9)
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
@@ -537,6 +560,7 @@ def _accumulate(accelerator, policy, step_fn: Step, micro_batches: list[list[dic
                 if not examples:  # an online micro-batch whose sampled rewards all tied: nothing to learn from
                     raise _Empty
                 batch, extra = step_fn.batch(examples, step, m)
+                averager.tokens += int(batch.attention_mask.sum())
                 out = step_fn(policy, batch.to(accelerator.device), extra)
                 loss = out.loss / len(micro_batches)
                 averager.add(out)

@@ -3,6 +3,8 @@ same registered losses; the reward rises with dpo and with rloo; ALaRM runs as a
 selection; online runs resume on the same trajectory."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,7 +84,8 @@ def test_online_metrics_and_sample_tables(tmp_path, cache_dir):
         train[-1]
     )
     evaluation = [line for line in logged if "eval/reward/mean" in line]
-    assert [line["step"] for line in evaluation] == [5] and "eval/kl" in evaluation[0]
+    assert [line["step"] for line in evaluation] == [0, 5] and "eval/kl" in evaluation[0]
+    assert evaluation[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4)  # step 0: the policy is the reference
 
 
 def test_online_upo_and_mpo_get_their_inputs(tmp_path, cache_dir):
@@ -210,3 +213,35 @@ def test_build_scorer_picks_the_composite_for_alarm():
     assert isinstance(build_scorer(dict(prefopt.compose(["reward=alarm"]).reward)), AlarmScorer)
     with pytest.raises(ConfigError, match="unknown aspect"):
         AlarmScorer({**dict(prefopt.compose(["reward=alarm"]).reward), "weights": {"nope": 1.0}})
+
+
+def test_select_rewards_command_writes_a_config_prefopt_train_uses(tmp_path, cache_dir):
+    out = tmp_path / "selection"
+    args = [o for o in ONLINE if not o.startswith("trainer=")]
+    command = [sys.executable, "-m", "prefopt.select_rewards", *args, f"cache_dir={cache_dir}", f"out_dir={out}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "disagreement %" in result.stdout and "reward=alarm_selected" in result.stdout
+    selection = json.loads((out / "selection.json").read_text())
+    assert set(selection["rates"]) == {"readability", "conciseness", "repetition"}
+    assert len(selection["selected"]) <= 1
+    cfg = prefopt.compose(
+        [
+            *ONLINE,
+            f"cache_dir={cache_dir}",
+            "reward=alarm_selected",
+            f"hydra.searchpath=[file://{out}]",
+            "trainer.max_steps=2",
+        ]
+    )
+    assert cfg.reward.select == "none"
+    assert dict(cfg.reward.weights) == selection["weights"]
+    summary = prefopt.fit(cfg, run_dir=tmp_path / "run")
+    assert summary["steps"] == cfg.trainer.max_steps
+
+
+def test_select_rewards_needs_the_alarm_reward(tmp_path):
+    command = [sys.executable, "-m", "prefopt.select_rewards", "reward=lexicon", f"out_dir={tmp_path}/o"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("prefopt-select-rewards: error: ")
