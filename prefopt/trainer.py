@@ -33,6 +33,7 @@ from prefopt.dataset import PreparedData, prepare_data
 from prefopt.errors import ConfigError
 from prefopt.logps import sequence_logps
 from prefopt.reference import cache_key, frozen_copy, generate_regularization, precompute_reference_logps, sample_extra
+from prefopt.sampled_data import materialize
 from prefopt.scoring import build_scorer
 from prefopt.sources import OfflineSource, OnlineSource, unique_prompts
 from prefopt.warm_start import warm_start
@@ -235,8 +236,26 @@ def _offline(cfg, *, policy, tokenizer, data, fingerprint, loss_fn, micro, accel
         seed=tcfg.seed,
     )
 
+    sampler = (
+        _sampler(
+            cfg,
+            policy,
+            tokenizer,
+            data,
+            req=loss_fn.requirements,
+            micro=micro,
+            accelerator=accelerator,
+            run_dir=run_dir,
+        )
+        if tcfg.get("sample_eval")
+        else None
+    )
+
     def evaluate(model, step_fn, step):
-        return _evaluate(accelerator, model, step_fn, data.eval, micro, step) if data.eval else {}
+        metrics = _evaluate(accelerator, model, step_fn, data.eval, micro, step) if data.eval else {}
+        if sampler is not None:
+            metrics.update(_reduce(accelerator, sampler.evaluate(accelerator.unwrap_model(model))))
+        return metrics
 
     return Setup(source, reference, evaluate, {"train_pairs": len(data.train), "eval_pairs": len(data.eval)})
 
@@ -244,9 +263,27 @@ def _offline(cfg, *, policy, tokenizer, data, fingerprint, loss_fn, micro, accel
 def _online(cfg, *, policy, tokenizer, data, fingerprint, loss_fn, micro, accelerator, run_dir) -> Setup:
     """Samples from the current policy each step, scored by ``cfg.reward``; the frozen initial policy is the
     reference (its log-probs of every sample travel with the batch, and give the sampled KL)."""
-    req, tcfg = loss_fn.requirements, cfg.trainer
+    source = _sampler(
+        cfg, policy, tokenizer, data, req=loss_fn.requirements, micro=micro, accelerator=accelerator, run_dir=run_dir
+    )
+
+    def evaluate(model, step_fn, step):
+        return _reduce(accelerator, source.evaluate(accelerator.unwrap_model(model)))
+
+    summary = {
+        "train_prompts": len(source.prompts),
+        "eval_prompts": len(source.eval_prompts),
+        "reward": cfg.reward.get("name"),
+    }
+    return Setup(source, None, evaluate, summary)
+
+
+def _sampler(cfg, policy, tokenizer, data, *, req, micro, accelerator, run_dir) -> OnlineSource:
+    """An :class:`OnlineSource` over the data's prompts, scored by ``cfg.reward``, with the frozen initial policy as
+    reference: the batch source of online runs, and the sampling evaluator of ``trainer.sample_eval``."""
+    tcfg = cfg.trainer
     if "reward" not in cfg:
-        raise ConfigError("trainer=online needs a reward: add reward=NAME (conf/reward/)")
+        raise ConfigError("sampling needs a reward: add reward=NAME (conf/reward/)")
     reference = frozen_copy(policy)
     scorer = build_scorer(cfg.reward).to(accelerator.device)
     source = OnlineSource(
@@ -267,16 +304,7 @@ def _online(cfg, *, policy, tokenizer, data, fingerprint, loss_fn, micro, accele
         device=accelerator.device,
     )
     _prepare_scorer(cfg, source, scorer, reference, run_dir, accelerator)
-
-    def evaluate(model, step_fn, step):
-        return _reduce(accelerator, source.evaluate(accelerator.unwrap_model(model)))
-
-    summary = {
-        "train_prompts": len(source.prompts),
-        "eval_prompts": len(source.eval_prompts),
-        "reward": cfg.reward.get("name"),
-    }
-    return Setup(source, None, evaluate, summary)
+    return source
 
 
 def _prepare_scorer(cfg, source, scorer, reference, run_dir: Path, accelerator) -> None:
@@ -339,7 +367,10 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     fingerprint = warm_start(
         policy, tokenizer, cfg.model.get("sft"), fingerprint=fingerprint, cache_dir=cache_dir, device=device
     )
-    data = prepare_data(cfg.data, tokenizer, cache_dir=cache_dir)
+    data_cfg = cfg.data
+    if data_cfg.source == "sampled":  # pairs sampled from the starting policy, labelled by a gold reward
+        data_cfg = materialize(data_cfg, policy, tokenizer, fingerprint=fingerprint, cache_dir=cache_dir, device=device)
+    data = prepare_data(data_cfg, tokenizer, cache_dir=cache_dir)
     setup = SOURCES[source_name](
         cfg,
         policy=policy,

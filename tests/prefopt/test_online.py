@@ -245,3 +245,33 @@ def test_select_rewards_needs_the_alarm_reward(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("prefopt-select-rewards: error: ")
+
+
+def test_online_training_under_two_processes(tmp_path, cache_dir):
+    """`accelerate launch --cpu --num_processes 2`: each process samples its share of the prompts; every collective
+    call (skipped steps, evaluation, metrics) matches up, and rank 0 alone writes the logs."""
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefopt.train"]
+    overrides = [*ONLINE, f"cache_dir={cache_dir}", "loss=rloo", "reward=alarm", "reward.select=auto"]
+    overrides += [
+        "reward.select_prompts=8",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        f"hydra.run.dir={tmp_path}/two",
+    ]
+    result = subprocess.run([*launch, *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run dir: ") == 1
+    logged = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged if "loss" in x] == [1, 2, 3]
+    assert [x["step"] for x in logged if "eval/reward/mean" in x] == [0, 3]
+    assert (tmp_path / "two" / "reward_selection.json").exists()
