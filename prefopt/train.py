@@ -31,9 +31,16 @@ USER_ERRORS = (DataError, ConfigError, losses.LossError, FileNotFoundError)
 def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
     """The config ``prefopt-train OVERRIDES`` would run (Hydra's compose API), for notebooks and tests."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+    running = get_gh_backup()  # inside a Hydra app (a recipe driver): set its state aside, then restore it
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+    finally:
+        restore_gh_from_backup(running)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -74,14 +74,14 @@ def run_recipe(cfg: DictConfig) -> dict[str, Any]:
 
 
 def compare_runs(cfg: DictConfig, result: dict[str, Any]) -> str:
-    """``prefopt-compare`` over the recipe's runs into ``OUT/compare``; returns the Markdown table."""
-    from prefopt.compare import main as compare_main
+    """``prefopt-compare`` over the recipe's runs into ``OUT/compare`` (table, CSV, frontier and curve plots);
+    returns the Markdown table."""
+    from prefopt.compare import run_comparison
 
-    out = Path(result["out_dir"]) / "compare"
     c = cfg.compare
-    args = [*result["runs"], "--group", c.group, "--param", c.param, "--x", c.x, "--y", c.y, "--out", str(out)]
-    compare_main(args)
-    return (out / "compare.md").read_text() + f"\nrecipe {cfg.name}: {len(result['runs'])} runs, {result['seconds']}s"
+    out = Path(result["out_dir"]) / "compare"
+    comparison = run_comparison(result["runs"], group=[c.group], param=c.param, out=out, x=c.x, y=c.y, depth=0)
+    return f"{comparison.table}\nrecipe {cfg.name}: {len(result['runs'])} runs in {result['seconds']}s; plots in {out}"
 
 
 def cli(name: str) -> None:

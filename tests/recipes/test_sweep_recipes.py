@@ -63,3 +63,15 @@ def test_sentiment_recipe_runs_resumes_and_compares(tmp_path):
     table = compare_runs(cfg, again)
     assert "dpo" in table and "rloo" in table
     assert (Path(cfg.out_dir) / "compare" / "frontier.png").stat().st_size > 0
+
+
+def test_compose_works_inside_a_running_hydra_app():
+    """Recipe drivers are Hydra apps that compose prefopt-train configs: the app's Hydra state is set aside and
+    restored around each compose."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        outer = compose(config_name="sentiment")
+        assert prefopt.compose(["loss=ipo"]).loss.name == "ipo"
+        assert GlobalHydra.instance().is_initialized()
+        assert compose(config_name="sentiment") == outer  # the app's search path still answers
