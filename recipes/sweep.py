@@ -56,7 +56,7 @@ def run_recipe(cfg: DictConfig) -> dict[str, Any]:
     methods = list(cfg.run_methods or cfg.methods)
     betas = list(cfg.betas_quick if cfg.quick else cfg.betas)
     seeds = list(cfg.seeds_quick if cfg.quick else cfg.seeds)
-    runs = []
+    runs, trained = [], 0
     for method in methods:
         for beta in betas:
             for seed in seeds:
@@ -64,13 +64,13 @@ def run_recipe(cfg: DictConfig) -> dict[str, Any]:
                 if not (run_dir / "summary.json").exists():
                     log.info("recipe %s: training %s beta=%s seed=%s", cfg.name, method, beta, seed)
                     summary = prefopt.fit(prefopt.compose(run_overrides(cfg, method, beta, seed)), run_dir=run_dir)
+                    trained += 1
                     log.info("  %s: eval %s", method, {k: round(v, 4) for k, v in summary["eval"].items()})
                 runs.append(str(run_dir))
     seconds = round(time.time() - started, 1)
-    (out / "recipe.json").write_text(
-        json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "runs": runs, "seconds": seconds}, indent=2)
-    )
-    return {"runs": runs, "seconds": seconds, "out_dir": str(out)}
+    record = {"config": OmegaConf.to_container(cfg, resolve=True), "runs": runs, "trained": trained, "seconds": seconds}
+    (out / f"recipe-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(record, indent=2))
+    return {"runs": runs, "trained": trained, "seconds": seconds, "out_dir": str(out)}
 
 
 def compare_runs(cfg: DictConfig, result: dict[str, Any]) -> str:
@@ -80,8 +80,12 @@ def compare_runs(cfg: DictConfig, result: dict[str, Any]) -> str:
 
     c = cfg.compare
     out = Path(result["out_dir"]) / "compare"
-    comparison = run_comparison(result["runs"], group=[c.group], param=c.param, out=out, x=c.x, y=c.y, depth=0)
-    return f"{comparison.table}\nrecipe {cfg.name}: {len(result['runs'])} runs in {result['seconds']}s; plots in {out}"
+    metrics = list(c.metrics) if c.get("metrics") else None
+    comparison = run_comparison(
+        result["runs"], group=[c.group], param=c.param, metrics=metrics, out=out, x=c.x, y=c.y, depth=0
+    )
+    done = f"{len(result['runs'])} runs ({result['trained']} trained now, {result['seconds']}s)"
+    return f"{comparison.table}\nrecipe {cfg.name}: {done}; table, CSV and plots in {out}"
 
 
 def cli(name: str) -> None:
