@@ -1,7 +1,7 @@
 PYTHON ?= python
 PYTEST_ARGS ?= -q
 
-.PHONY: install test lint format
+.PHONY: install test lint format bench
 
 # torch first, pinned: 2.13.0 resolves to the CPU wheel on this machine's disk; any other torch request would pull
 # the CUDA build. Everything else then sees torch already satisfied.
@@ -20,3 +20,8 @@ lint:
 format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
+
+# prefopt vs TRL's DPOTrainer vs a bare PyTorch loop, side by side (~10-15 min on 2 CPU cores; BENCH_ARGS=--quick
+# for a seconds-long smoke run). TRL rows need the [bench] extra.
+bench:
+	$(PYTHON) -m bench $(BENCH_ARGS)

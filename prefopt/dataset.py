@@ -11,6 +11,7 @@ not cached (the same name can change upstream; ``datasets`` caches the download 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -227,7 +228,8 @@ def _write_cache(path: Path, key: str, prepared: PreparedData) -> None:
         os.replace(tmp, path)
     except OSError as error:  # a read-only or full cache dir costs the cache, not the run
         log.warning("data not cached at %s: %s", path, error)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _counts(stats: Any, name: str) -> int:

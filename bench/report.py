@@ -1,0 +1,328 @@
+"""The printed report: sizes, the main table, checks, scaling, time to first step, the log-softmax memory check and,
+last, the ratios line.
+
+Definitions
+* steady-state tokens/s = non-pad tokens of prompt + completion of chosen and rejected of the measured steps (the
+  same pairs for every configuration: ``pair tok/step``) / the sum of their step times; warm-up steps excluded.
+  ``fwd tok/step`` is what each runner itself counted as forwarded through the policy (MPO adds its regularisation
+  samples), a check that every DPO configuration does the same work.
+* step time: from fetching the step's batch to the end of the optimizer step (see bench/worker.py); ``step s`` is
+  the mean over the measured steps (what the ratios use), ``median s`` shows whether a few steps were disturbed.
+* ratio_vs_trl_default = prefopt-default / trl-default tokens/s; ratio_vs_trl_best = prefopt-best / trl-best;
+  overhead_vs_bare = 1 - prefopt-best / bare-pytorch tokens/s (negative: prefopt is faster than the bare loop);
+  mpo_vs_dpo = prefopt-dpo-live step time / prefopt-mpo step time (> 1: MPO steps are faster).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+DPO_ROWS = ("prefopt-default", "prefopt-best", "trl-default", "trl-best", "bare-pytorch", "prefopt-dpo-live")
+NAN = float("nan")
+
+
+def _measured(result: dict, warmup: int, key: str) -> list[float]:
+    return [float(v) for v in (result.get(key) or [])[warmup:]]
+
+
+def tokens_per_second(result: dict, warmup: int, pair_tokens: list[int] | None = None) -> float:
+    seconds = _measured(result, warmup, "step_seconds")
+    if not result.get("ok") or not seconds:
+        return NAN
+    tokens = pair_tokens[warmup : warmup + len(seconds)] if pair_tokens else _measured(result, warmup, "tokens")
+    return sum(tokens) / sum(seconds)
+
+
+def step_seconds(result: dict, warmup: int) -> float:
+    seconds = _measured(result, warmup, "step_seconds")
+    return statistics.fmean(seconds) if result.get("ok") and seconds else NAN
+
+
+def best_of(rounds: list[list[dict]], warmup: int) -> list[dict]:
+    """Per configuration, the round with the highest tokens/s (--repeats: least disturbed by other load)."""
+    best = []
+    for runs in zip(*rounds, strict=True):
+        scored = [(tokens_per_second(r, warmup), i) for i, r in enumerate(runs)]
+        finite = [(s, i) for s, i in scored if math.isfinite(s)]
+        best.append(runs[max(finite)[1]] if finite else runs[0])
+    return best
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else NAN
+
+
+def _fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(
+        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )  # noqa: E501, E731
+    return [line(header), line(["-" * w for w in widths]), *[line(r) for r in rows]]
+
+
+def _status(result: dict) -> str:
+    if result.get("ok"):
+        return ""
+    return result.get("missing") or f"FAILED: {result.get('error', '?')}"[:200]
+
+
+def ratios(plan, manifest: dict, main: list[dict]) -> dict[str, float]:
+    by_name = {r["name"]: r for r in main}
+    pair_tokens = manifest["main"]["tokens_per_step"]
+    tps = {name: tokens_per_second(r, plan.warmup_steps, pair_tokens) for name, r in by_name.items()}
+    get = lambda name: tps.get(name, NAN)  # noqa: E731
+    live, mpo = (step_seconds(by_name.get(n, {}), plan.warmup_steps) for n in ("prefopt-dpo-live", "prefopt-mpo"))
+    return {
+        "ratio_vs_trl_default": _ratio(get("prefopt-default"), get("trl-default")),
+        "ratio_vs_trl_best": _ratio(get("prefopt-best"), get("trl-best")),
+        "overhead_vs_bare": 1 - _ratio(get("prefopt-best"), get("bare-pytorch")),
+        "mpo_vs_dpo": _ratio(live, mpo),
+    }
+
+
+def render(plan, manifest: dict, results: dict[str, list[dict]], *, threads: int, repeats: int, elapsed: float) -> str:
+    out: list[str] = []
+    model = plan.model
+    trl_version = next((r.get("trl") for r in results["main"] if r.get("trl")), None)
+    lengths = manifest["main_seq_lengths"]
+    out.append(f"prefopt bench ({'quick' if plan.quick else 'full'} mode, {elapsed:.0f}s)")
+    out.append(
+        f"model: Llama hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+        f"{model['num_attention_heads']} heads ({model['num_key_value_heads']} kv), intermediate "
+        f"{model['intermediate_size']}, vocab {manifest['vocab']} (prefopt's embedded byte-level BPE), "
+        f"{manifest['n_params'] / 1e6:.2f}M params, fp32, attention {manifest['attn_implementation']}"
+    )
+    out.append(
+        f"data: synthetic pairs ({plan.min_words}-{plan.max_words} words per completion), prompt+completion "
+        f"{lengths[0]}-{lengths[1]} tokens (mean {lengths[2]}), max_length {plan.max_length} (nothing truncated); "
+        f"batch {plan.batch_size} pairs, {plan.warmup_steps} warm-up + {plan.measured_steps} measured steps, "
+        f"lr {plan.lr} constant, clip 1.0, AdamW; torch threads {threads}; torch {manifest['torch']}, "
+        f"trl {trl_version or 'not installed'}" + (f"; best of {repeats} rounds" if repeats > 1 else "")
+    )
+    if plan.quick:
+        out.append(
+            "--quick: every configuration ran in ONE worker process; peak RSS includes every import (not comparable)"
+        )
+
+    if results["main"]:
+        out += ["", *_main_table(plan, manifest, results["main"])]
+    if results["scaling"]:
+        out += ["", *_scaling_table(plan, manifest, results["scaling"])]
+    if results["startup"]:
+        out += ["", *_startup_table(plan, results["startup"])]
+    if results["memory"]:
+        out += ["", *_memory_check(plan, results["memory"])]
+    if results["main"]:
+        values = ratios(plan, manifest, results["main"])
+        out += ["", ("(--quick: sizes too small to mean anything) " if plan.quick else "") + _targets(values, results)]
+        out += ["", " ".join(f"{k}={_fmt(v, '.3f') if math.isfinite(v) else 'n/a'}" for k, v in values.items())]
+    return "\n".join(out)
+
+
+def _targets(values: dict[str, float], results: dict[str, list[dict]]) -> str:
+    """One line: which of the project's performance targets this run meets."""
+    rss = {r["name"]: r.get("peak_rss_mib", NAN) if r.get("ok") else NAN for r in results["main"]}
+    memory = {r["name"]: r.get("peak_delta_mib", NAN) if r.get("ok") else NAN for r in results["memory"]}
+    naive = memory.pop("logsoftmax-naive", NAN)
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+    def check(value: float, bound: float, at_least: bool) -> bool | None:
+        return None if not math.isfinite(value) else (value >= bound if at_least else value <= bound)
+
+    items = [
+        ("tokens/s >= 1.3x trl-default", check(values["ratio_vs_trl_default"], 1.3, True)),
+        ("tokens/s >= 1.1x trl-best", check(values["ratio_vs_trl_best"], 1.1, True)),
+        (
+            "peak RSS <= trl-default",
+            check(_ratio(rss.get("prefopt-default", NAN), rss.get("trl-default", NAN)), 1.0, False),
+        ),
+        ("peak RSS <= trl-best", check(_ratio(rss.get("prefopt-best", NAN), rss.get("trl-best", NAN)), 1.0, False)),
+        ("overhead vs bare <= 5%", check(values["overhead_vs_bare"], 0.05, False)),
+        ("mpo >= 1.25x dpo-live step speed", check(values["mpo_vs_dpo"], 1.25, True)),
+    ]
+    items += [
+        (f"{name} <= 1/4 of naive memory", check(_ratio(delta, naive), 0.25, False)) for name, delta in memory.items()
+    ]
+    return "targets: " + "; ".join(f"{label}: {verdict(ok)}" for label, ok in items)
+
+
+def _main_table(plan, manifest: dict, main: list[dict]) -> list[str]:
+    warmup = plan.warmup_steps
+    pair_tokens = manifest["main"]["tokens_per_step"]
+    measured_pairs = pair_tokens[warmup:]
+    header = [
+        "config",
+        "reference",
+        "pair tok/step",
+        "fwd tok/step",
+        "tokens/s",
+        "step s",
+        "median s",
+        "sd",
+        "peak RSS MiB",
+        "step-1 loss",
+        "step-1 logps/chosen",
+        "note",
+    ]
+    reference = {
+        "prefopt-default": "precomputed",
+        "prefopt-best": "precomputed",
+        "trl-default": "live model",
+        "trl-best": "precomputed",
+        "bare-pytorch": "precomputed",
+        "prefopt-mpo": "none (reg. samples)",
+        "prefopt-dpo-live": "live model",
+    }
+    rows = []
+    for r in main:
+        seconds = _measured(r, warmup, "step_seconds")
+        fwd = _measured(r, warmup, "tokens")
+        losses, logps = r.get("losses") or [], r.get("logps_chosen") or []
+        rows.append(
+            [
+                r["name"],
+                reference.get(r["name"], ""),
+                _fmt(statistics.fmean(measured_pairs), ".0f"),
+                _fmt(statistics.fmean(fwd) if fwd else None, ".0f"),
+                _fmt(tokens_per_second(r, warmup, pair_tokens), ".0f"),
+                _fmt(step_seconds(r, warmup), ".3f"),
+                _fmt(statistics.median(seconds) if seconds else None, ".3f"),
+                _fmt(statistics.stdev(seconds) if len(seconds) > 1 else None, ".3f"),
+                _fmt(r.get("peak_rss_mib"), ".0f"),
+                _fmt(losses[0] if losses and r["name"] not in ("trl-default", "trl-best") else None, ".6f"),
+                _fmt(logps[0] if logps else None, ".4f"),
+                _status(r),
+            ]
+        )
+    out = ["main table: DPO (beta 0.1) on the same pairs in the same batches", *_table(header, rows)]
+    out += _checks(plan, manifest, main)
+    for r in main:
+        for note in r.get("notes") or []:
+            out.append(f"  {r['name']}: {note}")
+    return out
+
+
+def _checks(plan, manifest: dict, main: list[dict]) -> list[str]:
+    """Is it the same work? Forwarded tokens per step, step-1 policy log-probs, bare vs prefopt losses."""
+    warmup, out = plan.warmup_steps, []
+    expected = manifest["main"]["tokens_per_step"]
+    by_name = {r["name"]: r for r in main if r.get("ok")}
+    same = [n for n in DPO_ROWS if n in by_name and [int(t) for t in by_name[n]["tokens"]] == expected]
+    differ = [n for n in DPO_ROWS if n in by_name and n not in same]
+    out.append(
+        f"check: forwarded tokens == pair tokens at every step for {', '.join(same) or 'none'}"
+        + (f"; DIFFERENT for {', '.join(differ)}" if differ else "")
+    )
+    logps = {n: by_name[n]["logps_chosen"][0] for n in DPO_ROWS if n in by_name and by_name[n].get("logps_chosen")}
+    if logps:
+        ref = logps.get("prefopt-default", next(iter(logps.values())))
+        diffs = ", ".join(f"{n} {v - ref:+.2e}" for n, v in logps.items() if n != "prefopt-default")
+        out.append(f"check: step-1 mean chosen log-prob vs prefopt-default: {diffs} (TRL default runs bf16 autocast)")
+    if "bare-pytorch" in by_name and "prefopt-default" in by_name:
+        bare, pre = by_name["bare-pytorch"]["losses"], by_name["prefopt-default"]["losses"]
+        diff = max(abs(a - b) for a, b in zip(bare, pre, strict=False))
+        out.append(
+            f"check: bare vs prefopt-default DPO loss, max |diff| over {min(len(bare), len(pre))} steps: {diff:.2e}"
+        )
+    del warmup
+    return out
+
+
+def _scaling_table(plan, manifest: dict, scaling: list[dict]) -> list[str]:
+    header = ["seq len", "batch pairs", "tok/step", "tokens/s", "step s", "peak RSS MiB", "note"]
+    rows = []
+    for r in scaling:
+        point = manifest["scaling"].get(r["name"].removeprefix("scaling-"), {})
+        pairs = point.get("tokens_per_step")
+        rows.append(
+            [
+                str(point.get("seq", "?")),
+                str(point.get("batch", "?")),
+                _fmt(statistics.fmean(pairs) if pairs else None, ".0f"),
+                _fmt(tokens_per_second(r, plan.scaling_warmup, pairs), ".0f"),
+                _fmt(step_seconds(r, plan.scaling_warmup), ".3f"),
+                _fmt(r.get("peak_rss_mib"), ".0f"),
+                _status(r),
+            ]
+        )
+    title = (
+        f"scaling: prefopt-best DPO, every sequence cut to the length; lengths at batch {plan.scaling_batch}, "
+        f"batch sizes at length {plan.scaling_seq}; {plan.scaling_warmup} warm-up + {plan.scaling_measured} "
+        "measured steps"
+    )
+    return [title, *_table(header, rows)]
+
+
+def _startup_table(plan, startup: list[dict]) -> list[str]:
+    from bench.startup import STARTUP_RUNS
+
+    overrides = " ".join(plan.startup_overrides)
+    describe = lambda r: STARTUP_RUNS.get(r.get("cache"), r["name"])  # noqa: E731
+    if plan.quick:
+        header = ["run", "train() to first step s", "note"]
+        rows = [[describe(r), _fmt(r.get("setup_seconds"), ".2f"), _status(r)] for r in startup]
+        return [
+            f"time to first step (--quick: in process, imports excluded): prefopt.fit {overrides}",
+            *_table(header, rows),
+        ]
+    header = ["run", "command -> first step s", "imports+Hydra s", "setup s", "note"]
+    rows = [
+        [
+            describe(r),
+            _fmt(r.get("to_first_step"), ".1f"),
+            _fmt(r.get("launch_seconds"), ".1f"),
+            _fmt(r.get("setup_seconds"), ".1f"),
+            _status(r),
+        ]
+        for r in startup
+    ]
+    return [
+        f"time to first step: prefopt-train {overrides} (the embedded default: 2,000 synthetic pairs); setup = "
+        "train() until its first step (tokenizer, model, data, reference)",
+        *_table(header, rows),
+    ]
+
+
+def _memory_check(plan, memory: list[dict]) -> list[str]:
+    by_name = {r["name"]: r for r in memory}
+    naive = by_name.get("logsoftmax-naive", {})
+    base = naive.get("peak_delta_mib", NAN) if naive.get("ok") else NAN
+    header = ["variant", "peak MiB (fwd+bwd)", "ratio vs naive", "seconds", "note"]
+    rows = []
+    for r in memory:
+        delta = r.get("peak_delta_mib", NAN) if r.get("ok") else NAN
+        rows.append(
+            [
+                r["name"],
+                _fmt(delta, ".0f"),
+                _fmt(_ratio(delta, base), ".3f"),
+                _fmt(r.get("seconds"), ".1f"),
+                _status(r),
+            ]
+        )
+    method = next((r.get("method") for r in memory if r.get("method")), "?")
+    title = (
+        f"selective log-softmax memory: vocab {plan.memory_vocab}, {plan.memory_tokens} tokens, hidden "
+        f"{plan.memory_hidden}, fp32; {'one process (--quick)' if plan.quick else 'each variant in its own process'}"
+        f"; peak = peak RSS ({method}) - RSS before the call (inputs and LM head allocated before); forward + "
+        "backward; target ratio <= 0.25"
+    )
+    checks = [r.get("checksum") for r in memory if r.get("ok")]
+    agree = all(
+        all(math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3) for a, b in zip(c, checks[0], strict=True)) for c in checks
+    )
+    return [
+        title,
+        *_table(header, rows),
+        f"check: all variants give the same log-probs and gradients: {'yes' if agree else 'NO'}",
+    ]

@@ -1,0 +1,101 @@
+"""``python -m bench --quick`` end to end (tiny sizes, seconds): the tables and the ratios line are printed with
+finite numbers, and every configuration does the same work (same tokens per step; the bare loop's DPO losses equal
+prefopt's). No timing assertions."""
+
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import plan as plans
+from bench import report, worker
+from bench.artifacts import scaling_points
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_TRL = importlib.util.find_spec("trl") is not None
+RATIOS = re.compile(r"ratio_vs_trl_default=(\S+) ratio_vs_trl_best=(\S+) overhead_vs_bare=(\S+) mpo_vs_dpo=(\S+)")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[str, dict]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_quick_mode_prints_the_tables_and_finite_ratios_last(quick):
+    stdout, results = quick
+    assert "FAILED" not in stdout, stdout
+    match = RATIOS.fullmatch(stdout.strip().splitlines()[-1])
+    assert match, stdout[-2000:]
+    values = [float(v) for v in match.groups()] if HAS_TRL else [float(v) for v in match.groups()[2:]]
+    assert all(math.isfinite(v) for v in values), match.group(0)
+    for name in ("prefopt-default", "prefopt-best", "trl-default", "trl-best", "bare-pytorch", "prefopt-mpo"):
+        assert re.search(rf"^{name}\s", stdout, re.MULTILINE), name
+    for title in ("main table", "scaling:", "time to first step", "selective log-softmax memory"):
+        assert title in stdout, title
+    assert len(results["scaling"]) == len(scaling_points(plans.QUICK))
+    assert all(
+        r["ok"] for part in ("main", "scaling", "startup", "memory") for r in results[part] if not r.get("missing")
+    )
+
+
+def test_every_dpo_configuration_forwards_the_same_tokens(quick):
+    _, results = quick
+    expected = results["manifest"]["main"]["tokens_per_step"]
+    main = {r["name"]: r for r in results["main"]}
+    names = ["prefopt-default", "prefopt-best", "bare-pytorch", "prefopt-dpo-live"]
+    names += ["trl-default", "trl-best"] if HAS_TRL else []
+    for name in names:
+        assert [int(t) for t in main[name]["tokens"]] == expected, name  # prefopt: the trainer's perf/tokens
+    assert all(t > e for t, e in zip(main["prefopt-mpo"]["tokens"], expected, strict=True))  # + its reg. samples
+    if HAS_TRL:  # same weights, same tokens: the same step-1 policy log-probs (trl-best runs fp32 like prefopt)
+        assert main["trl-best"]["logps_chosen"][0] == pytest.approx(
+            main["prefopt-default"]["logps_chosen"][0], rel=1e-5
+        )
+
+
+def test_the_bare_loop_computes_prefopts_dpo_loss(quick):
+    _, results = quick
+    main = {r["name"]: r for r in results["main"]}
+    bare, prefopt = main["bare-pytorch"], main["prefopt-default"]
+    assert bare["losses"][0] == pytest.approx(prefopt["losses"][0], abs=1e-5)
+    assert bare["logps_chosen"][0] == pytest.approx(prefopt["logps_chosen"][0], rel=1e-5)
+    # and the whole short trajectory (same AdamW, lr, clipping, data order), not just the log 2 of step 1
+    assert bare["losses"] == pytest.approx(prefopt["losses"], abs=1e-4)
+    assert bare["logps_chosen"] == pytest.approx(prefopt["logps_chosen"], rel=1e-4)
+
+
+def test_setup_time_and_memory_check_are_reported(quick):
+    _, results = quick
+    assert all(r["setup_seconds"] > 0 for r in results["startup"])
+    assert [r["cache"] for r in results["startup"]] == ["first", "cold", "warm"]
+    checksums = [r["checksum"] for r in results["memory"]]
+    for checksum in checksums[1:]:  # the selective log-softmax gives the naive one's values and gradients
+        assert checksum == pytest.approx(checksums[0], rel=1e-4, abs=1e-4)
+
+
+def test_without_trl_the_rows_say_so(quick, monkeypatch):
+    _, results = quick
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
+    missing = worker.run_spec({"kind": "trl", "name": "trl-default", "threads": 1})
+    assert not missing["ok"] and missing["missing"] == "TRL not installed (pip install -e .[bench])"
+    main = [missing if r["name"] == "trl-default" else r for r in results["main"]]
+    main = [{**missing, "name": "trl-best"} if r["name"] == "trl-best" else r for r in main]
+    text = report.render(plans.QUICK, results["manifest"], {**results, "main": main}, threads=1, repeats=1, elapsed=1.0)
+    assert text.count("TRL not installed (pip install -e .[bench])") == 2
+    last = RATIOS.fullmatch(text.splitlines()[-1])
+    assert last and last.group(1) == last.group(2) == "n/a"
+    assert math.isfinite(float(last.group(3))) and math.isfinite(float(last.group(4)))
