@@ -25,7 +25,7 @@ from bench import report
 from bench.artifacts import layout, scaling_points
 from bench.startup import STARTUP_RUNS, prepare_startup_cache
 
-DEFAULT_CHUNK = 4096  # prefopt.logps.sequence_logps' default chunk_size (rows per LM-head chunk)
+DEFAULT_CHUNK = None  # prefopt.logps default: auto_chunk_size(vocabulary) rows per LM-head chunk
 
 ROOT = Path(__file__).resolve().parent.parent
 

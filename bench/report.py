@@ -234,7 +234,16 @@ def _checks(plan, manifest: dict, main: list[dict]) -> list[str]:
         out.append(
             f"check: bare vs prefopt-default DPO loss, max |diff| over {min(len(bare), len(pre))} steps: {diff:.2e}"
         )
-    del warmup
+    threads = sorted({r.get("threads") for r in main if r.get("ok") and r.get("threads")})
+    out.append(f"check: torch threads at the end of every run: {', '.join(map(str, threads)) or '?'}")
+    slow = []
+    for r in main:
+        seconds = _measured(r, warmup, "step_seconds")
+        median = statistics.median(seconds) if seconds else NAN
+        steps = [f"{warmup + i + 1} ({s:.1f}s)" for i, s in enumerate(seconds) if s > 3 * median]
+        if steps:
+            slow.append(f"{r['name']} step {', '.join(steps)} vs median {median:.2f}s")
+    out.append("check: measured steps > 3x their run's median: " + ("; ".join(slow) if slow else "none"))
     return out
 
 

@@ -315,6 +315,8 @@ def run_spec(spec: dict, *, shared: bool = False) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - reported in the table, the other configurations still run
         result = {"ok": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     result["name"] = spec["name"]
+    if "torch" in sys.modules:  # did anything change the thread count the spec asked for?
+        result["threads"] = sys.modules["torch"].get_num_threads()
     # own process: ru_maxrss, the peak since the process started; shared: VmHWM, reset before this spec
     result["peak_rss_mib"] = peak_rss_mib() if shared else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["rss_scope"] = "shared process (--quick)" if shared else "own process"

@@ -21,8 +21,22 @@ def _chunk_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tens
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def selective_log_softmax(hidden: Tensor, targets: Tensor, head: torch.nn.Module, chunk_size: int = 4096) -> Tensor:
-    """``log softmax(head(hidden))[target]`` per row, fp32: hidden [M, H], targets [M] -> [M]."""
+CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB): rows per chunk = this // vocabulary size
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Rows per LM-head chunk so one chunk's fp32 logits stay near 64 MiB (128 rows for a 128k vocabulary)."""
+    return max(16, CHUNK_ELEMENTS // max(int(vocab_size), 1))
+
+
+def selective_log_softmax(
+    hidden: Tensor, targets: Tensor, head: torch.nn.Module, chunk_size: int | None = None
+) -> Tensor:
+    """``log softmax(head(hidden))[target]`` per row, fp32: hidden [M, H], targets [M] -> [M]. ``chunk_size`` rows
+    per chunk (default: :func:`auto_chunk_size` of the head's output size)."""
+    if chunk_size is None:
+        vocab = getattr(head, "out_features", None) or (hidden.shape[-1] if isinstance(head, torch.nn.Identity) else 0)
+        chunk_size = auto_chunk_size(vocab) if vocab else 4096
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
@@ -45,7 +59,7 @@ def sequence_logps(
     attention_mask: Tensor,  # [N, T]
     completion_mask: Tensor,  # [N, T] 1 on completion tokens (incl. EOS), 0 on prompt and padding
     *,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Summed log-prob of each row's completion tokens, fp32 [N] (one-token shift: position t predicts t + 1)."""
     target_mask = completion_mask[:, 1:].bool()  # [N, T-1]
