@@ -25,8 +25,6 @@ from bench import report
 from bench.artifacts import layout, scaling_points
 from bench.startup import STARTUP_RUNS, prepare_startup_cache
 
-DEFAULT_CHUNK = None  # prefopt.logps default: auto_chunk_size(vocabulary) rows per LM-head chunk
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -229,7 +227,7 @@ def memory_specs(plan, threads: int) -> list[dict]:
     }
     return [
         {**common, "name": "logsoftmax-naive", "variant": "naive"},
-        {**common, "name": "logsoftmax-selective", "variant": "selective", "chunk_size": DEFAULT_CHUNK},
+        {**common, "name": "logsoftmax-selective", "variant": "selective", "chunk_size": None},  # the default
         {
             **common,
             "name": f"logsoftmax-selective-{plan.memory_chunk}",

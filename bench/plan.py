@@ -33,7 +33,7 @@ class Plan:
     memory_vocab: int
     memory_tokens: int
     memory_hidden: int
-    memory_chunk: int  # the smaller chunk size also measured (the trainer's default is 4096 rows)
+    memory_chunk: int  # a fixed chunk size (rows) also measured, besides prefopt.logps' default
     # time to first step (prefopt-train on the embedded default, no SFT warm start)
     startup_overrides: list[str] = field(default_factory=list)
     seed: int = 0
@@ -79,7 +79,7 @@ FULL = Plan(
     memory_vocab=128_256,
     memory_tokens=2048,
     memory_hidden=256,
-    memory_chunk=256,
+    memory_chunk=4096,  # prefopt.logps' fixed default before it became vocabulary-aware
     startup_overrides=["model.sft.steps=0", "trainer.max_steps=1", "trainer.eval_every=0"],
 )
 
@@ -112,7 +112,7 @@ QUICK = Plan(
     memory_vocab=4096,
     memory_tokens=256,
     memory_hidden=32,
-    memory_chunk=64,
+    memory_chunk=4096,
     startup_overrides=[
         "model.sft.steps=0",
         "trainer.max_steps=1",

@@ -279,17 +279,33 @@ def run_logsoftmax(spec: dict) -> dict:
     start = time.perf_counter()
     if spec["variant"] == "naive":
         out = torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    elif spec["chunk_size"] is None:  # as the trainer calls it
+        out = selective_log_softmax(hidden, targets, head)
     else:
         out = selective_log_softmax(hidden, targets, head, chunk_size=spec["chunk_size"])
     out.sum().backward()
     seconds = time.perf_counter() - start
     peak = peak_rss_mib()
     return {
+        "chunk_rows": None if spec["variant"] == "naive" else (spec["chunk_size"] or _default_chunk_rows(vocab)),
         "peak_delta_mib": peak - before,
         "method": "VmHWM reset" if exact else "ru_maxrss",
         "seconds": seconds,
         "checksum": [float(out.detach().sum()), float(hidden.grad.norm()), float(head.weight.grad.norm())],
     }
+
+
+def _default_chunk_rows(vocab: int) -> int | None:
+    """The rows per chunk ``prefopt.logps.selective_log_softmax`` uses when not told (its signature's default, or
+    ``auto_chunk_size(vocab)`` where the default is vocabulary-aware)."""
+    import inspect
+
+    from prefopt import logps
+
+    default = inspect.signature(logps.selective_log_softmax).parameters["chunk_size"].default
+    if default is None and hasattr(logps, "auto_chunk_size"):
+        return logps.auto_chunk_size(vocab)
+    return default
 
 
 RUNNERS = {

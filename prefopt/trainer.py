@@ -364,13 +364,14 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     device = accelerator.device
     policy.to(device)
     fingerprint = models.model_fingerprint(cfg.model, policy)
+    sampled = cfg.data.source == "sampled"  # pairs sampled from the starting policy, labelled by a gold reward
+    data = None if sampled else prepare_data(cfg.data, tokenizer, cache_dir=cache_dir)  # bad data fails before SFT
     fingerprint = warm_start(
         policy, tokenizer, cfg.model.get("sft"), fingerprint=fingerprint, cache_dir=cache_dir, device=device
     )
-    data_cfg = cfg.data
-    if data_cfg.source == "sampled":  # pairs sampled from the starting policy, labelled by a gold reward
-        data_cfg = materialize(data_cfg, policy, tokenizer, fingerprint=fingerprint, cache_dir=cache_dir, device=device)
-    data = prepare_data(data_cfg, tokenizer, cache_dir=cache_dir)
+    if sampled:
+        local = materialize(cfg.data, policy, tokenizer, fingerprint=fingerprint, cache_dir=cache_dir, device=device)
+        data = prepare_data(local, tokenizer, cache_dir=cache_dir)
     setup = SOURCES[source_name](
         cfg,
         policy=policy,
