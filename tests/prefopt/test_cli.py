@@ -20,6 +20,11 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+# `accelerate launch --cpu` with two processes (gloo DDP) running prefopt-train
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+LAUNCH_TWO += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefopt.train"]
+
+
 def test_sweep_makes_one_run_dir_per_job(tmp_path):
     result = cli(
         "-m",
@@ -114,24 +119,12 @@ def test_two_processes_log_the_same_losses_as_one(tmp_path):
     common = [*TINY, "trainer.max_steps=6", "trainer.warmup_steps=2", "trainer.lr=0.01", f"cache_dir={tmp_path}/c"]
     single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "prefopt.train",
-    ]
     double = subprocess.run(
-        [*launch, *common, f"hydra.run.dir={tmp_path}/two"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [*LAUNCH_TWO, *common, f"hydra.run.dir={tmp_path}/two"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert double.returncode == 0, double.stderr[-2000:]
     assert double.stdout.count("run dir: ") == 1  # the summary is printed once, by rank 0

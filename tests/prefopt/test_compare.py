@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 import prefopt
 from prefopt import compare as cmp
 
+from .test_trainer import TINY as TRAINER_TINY
+
 METHODS = {"dpo": 1.0, "ipo": 2.0}  # the reward offset of each method
 BETAS = [0.1, 0.5]
 SEEDS = [0, 1]
@@ -174,24 +176,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     )
 
 
-TINY = [
-    "model.vocab_size=256",
-    "model.config.hidden_size=32",
-    "model.config.intermediate_size=64",
-    "model.config.num_hidden_layers=1",
-    "model.config.num_attention_heads=2",
-    "model.config.num_key_value_heads=1",
-    "model.sft.steps=0",
-    "trainer.batch_size=8",
-    "trainer.warmup_steps=0",
-    "trainer.progress_bar=false",
-    "data.n_train=48",
-    "data.n_eval=16",
-    "data.max_length=40",
-    "data.max_prompt_length=12",
-    "trainer.max_steps=2",
-    "trainer.eval_every=2",
-]
+TINY = [*TRAINER_TINY, "trainer.max_steps=2", "trainer.eval_every=2"]
 
 
 def test_compares_real_training_runs(tmp_path):

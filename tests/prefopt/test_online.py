@@ -16,6 +16,7 @@ from prefopt.errors import ConfigError
 from prefopt.rewards.base import Reward, TokenScores
 from prefopt.scoring import AlarmScorer, RewardScorer, build_scorer
 
+from .test_cli import LAUNCH_TWO
 from .test_trainer import TINY_MODEL
 
 SFT = ["model.sft.steps=200", "model.sft.lr=1e-2", "model.sft.n_rows=600"]
@@ -250,17 +251,6 @@ def test_select_rewards_needs_the_alarm_reward(tmp_path):
 def test_online_training_under_two_processes(tmp_path, cache_dir):
     """`accelerate launch --cpu --num_processes 2`: each process samples its share of the prompts; every collective
     call (skipped steps, evaluation, metrics) matches up, and rank 0 alone writes the logs."""
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-    ]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefopt.train"]
     overrides = [*ONLINE, f"cache_dir={cache_dir}", "loss=rloo", "reward=alarm", "reward.select=auto"]
     overrides += [
         "reward.select_prompts=8",
@@ -268,7 +258,7 @@ def test_online_training_under_two_processes(tmp_path, cache_dir):
         "trainer.eval_every=3",
         f"hydra.run.dir={tmp_path}/two",
     ]
-    result = subprocess.run([*launch, *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([*LAUNCH_TWO, *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run dir: ") == 1
     logged = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
