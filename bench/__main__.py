@@ -182,6 +182,8 @@ def main_specs(plan, where, workdir: Path, threads: int, tag: str = "") -> list[
     return [
         prefopt_spec("prefopt-default", ["loss=dpo", beta, *plans.PREFOPT_DEFAULT]),
         prefopt_spec("prefopt-best", ["loss=dpo", beta, *plans.PREFOPT_BEST]),
+        prefopt_spec("prefopt-padded", ["loss=dpo", beta, *plans.PREFOPT_PADDED]),
+        prefopt_spec("prefopt-ckpt", ["loss=dpo", beta, *plans.PREFOPT_CHECKPOINTING]),
         {**trl_default, "run_dir": str(runs / f"trl-default{tag}")},
         {**trl_best, "run_dir": str(runs / f"trl-best{tag}")},
         {"kind": "bare", "name": "bare-pytorch", **common},

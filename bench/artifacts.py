@@ -70,7 +70,20 @@ def _data_set(tokenizer, paths: dict, *, n_train: int, batch: int, steps: int, s
         t = tokenized[i]
         return 2 * len(t["prompt_ids"]) + len(t["chosen_ids"]) + len(t["rejected_ids"])
 
+    def positions(idx: list[int]) -> tuple[int, int]:
+        """Token positions one step computes: one forward padded to the longest row (TRL, the bare loop), and
+        prefopt's length buckets (CPU default)."""
+        from prefopt.logps import bucket_overhead, plan_buckets
+
+        rows = [
+            len(tokenized[i]["prompt_ids"]) + len(tokenized[i][k]) for k in ("chosen_ids", "rejected_ids") for i in idx
+        ]
+        groups = plan_buckets(rows, bucket_overhead("cpu"))
+        return len(rows) * max(rows), sum(len(g) * max(rows[r] for r in g) for g in groups)
+
     return {
+        "padded_per_step": [positions(idx)[0] for idx in steps_idx],
+        "bucketed_per_step": [positions(idx)[1] for idx in steps_idx],
         "train": _write(train, Path(paths["train"])),
         "eval": _write(evaluation, Path(paths["eval"])),
         "ordered": _write(ordered, Path(paths["ordered"])),

@@ -5,15 +5,24 @@ under activation checkpointing: per chunk it forms ``logits = head(h).float()`` 
 logsumexp(logits)``; backward recomputes the chunk's logits. So no fp32 [B, T, V] tensor (nor a [B, T, V] tensor of
 any dtype) is ever held, forward or backward. Models whose logits are not ``lm_head(last_hidden_state)`` (logit
 soft-capping or scaling) fall back to the model's own logits, still gathered in fp32 chunks.
+
+Length buckets: a padded batch wastes the compute of every pad position (chosen and rejected rows of one batch often
+differ by 2-4x in length). ``sequence_logps`` therefore sorts the rows by length and runs the backbone on groups of
+rows cut to their own longest row (:func:`plan_buckets` picks the groups: fewest padded tokens plus a per-forward
+overhead). The result is the same per row (attention is masked, positions are unchanged: right padding), only the
+rounding of the matrix products may differ; all groups' hidden states then go through one selective log-softmax.
+Where the logits are small (vocabulary x target tokens <= 4M elements, 16 MiB) they are kept for backward instead of
+recomputed under checkpointing.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["sequence_logps", "selective_log_softmax"]
+__all__ = ["sequence_logps", "selective_log_softmax", "plan_buckets", "bucket_overhead"]
 
 
 def _chunk_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tensor:
@@ -22,6 +31,8 @@ def _chunk_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tens
 
 
 CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB): rows per chunk = this // vocabulary size
+KEEP_ELEMENTS = 1 << 22  # logits up to this many elements (16 MiB fp32) are kept for backward, not recomputed
+BUCKET_OVERHEAD = {"cpu": 64, "cuda": 2048}  # one more forward costs about this many padded tokens (see plan_buckets)
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -34,17 +45,46 @@ def selective_log_softmax(
 ) -> Tensor:
     """``log softmax(head(hidden))[target]`` per row, fp32: hidden [M, H], targets [M] -> [M]. ``chunk_size`` rows
     per chunk (default: :func:`auto_chunk_size` of the head's output size)."""
+    vocab = getattr(head, "out_features", None) or (hidden.shape[-1] if isinstance(head, torch.nn.Identity) else 0)
     if chunk_size is None:
-        vocab = getattr(head, "out_features", None) or (hidden.shape[-1] if isinstance(head, torch.nn.Identity) else 0)
         chunk_size = auto_chunk_size(vocab) if vocab else 4096
     pieces = []
+    keep = hidden.shape[0] <= chunk_size and hidden.shape[0] * (vocab if vocab else 1 << 30) <= KEEP_ELEMENTS
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and not keep:
             pieces.append(checkpoint(_chunk_logps, h, t, head, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(h, t, head))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def bucket_overhead(device: torch.device | str) -> int:
+    """The default per-forward overhead (padded tokens) of :func:`plan_buckets` on this device type."""
+    return BUCKET_OVERHEAD.get(torch.device(device).type, BUCKET_OVERHEAD["cuda"])
+
+
+def plan_buckets(lengths: list[int] | Tensor, overhead: int) -> list[list[int]]:
+    """Split rows into groups, each run as one forward cut to its longest row: the partition of the rows sorted by
+    length into contiguous groups that minimises sum(rows x longest row) + overhead x groups (exact, by dynamic
+    programming over the sorted lengths). Returns row indices per group, shortest group first."""
+    lengths = np.asarray(lengths.tolist() if isinstance(lengths, Tensor) else lengths, dtype=np.int64)
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = np.argsort(lengths, kind="stable")
+    longest = lengths[order]
+    best = np.zeros(n + 1)  # best[j]: cost of the first j sorted rows
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):  # the last group is rows i..j-1 (sorted), padded to longest[j - 1]
+        costs = best[:j] + (j - np.arange(j)) * longest[j - 1] + overhead
+        cut[j] = int(np.argmin(costs))
+        best[j] = costs[cut[j]]
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j] : j].tolist())
+        j = int(cut[j])
+    return groups[::-1]
 
 
 def _plain_head(model: torch.nn.Module) -> bool:
@@ -60,19 +100,50 @@ def sequence_logps(
     completion_mask: Tensor,  # [N, T] 1 on completion tokens (incl. EOS), 0 on prompt and padding
     *,
     chunk_size: int | None = None,
+    buckets: bool | int = True,
 ) -> Tensor:
-    """Summed log-prob of each row's completion tokens, fp32 [N] (one-token shift: position t predicts t + 1)."""
-    target_mask = completion_mask[:, 1:].bool()  # [N, T-1]
-    targets = input_ids[:, 1:][target_mask]  # [M]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
-    if _plain_head(model):
-        backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        token_logps = selective_log_softmax(
-            hidden[:, :-1][target_mask], targets, model.get_output_embeddings(), chunk_size
-        )
+    """Summed log-prob of each row's completion tokens, fp32 [N] (one-token shift: position t predicts t + 1).
+
+    ``buckets``: True = length buckets with the device's default overhead (:func:`bucket_overhead`), an int = that
+    overhead in padded tokens, False = one forward over the whole padded batch."""
+    n_rows = input_ids.shape[0]
+    lengths = attention_mask.sum(dim=1)
+    right_padded = bool(
+        (attention_mask.bool() == (torch.arange(input_ids.shape[1], device=lengths.device) < lengths[:, None])).all()
+    )
+    if buckets is False or n_rows < 2 or not right_padded:  # cutting columns assumes right padding
+        groups = [None]
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-        token_logps = selective_log_softmax(logits[target_mask], targets, torch.nn.Identity(), chunk_size)
-    summed = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return summed.index_add(0, rows, token_logps)
+        overhead = bucket_overhead(input_ids.device) if buckets is True else int(buckets)
+        groups = plan_buckets(lengths.cpu(), overhead)
+    plain = _plain_head(model)
+    states, targets, rows = [], [], []
+    for group in groups:
+        if group is None:
+            ids, attention, completion, index = input_ids, attention_mask, completion_mask, None
+        else:
+            index = torch.tensor(group, device=input_ids.device)
+            width = max(int(lengths[index].max()), 1)
+            ids, attention, completion = (t[index, :width] for t in (input_ids, attention_mask, completion_mask))
+        target_mask = completion[:, 1:].bool()  # [n, T-1]
+        if not target_mask.any():
+            continue
+        row_ids = torch.arange(ids.shape[0], device=ids.device) if index is None else index
+        rows.append(row_ids[:, None].expand_as(target_mask)[target_mask])
+        targets.append(ids[:, 1:][target_mask])
+        if plain:
+            backbone = getattr(model, model.base_model_prefix)
+            hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        else:
+            hidden = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        states.append(hidden[:, :-1][target_mask])
+    summed = torch.zeros(n_rows, dtype=torch.float32, device=input_ids.device)
+    if not states:
+        return summed
+    head = model.get_output_embeddings() if plain else torch.nn.Identity()
+    token_logps = selective_log_softmax(_cat(states), _cat(targets), head, chunk_size)
+    return summed.index_add(0, _cat(rows), token_logps)
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

@@ -18,7 +18,10 @@ from bench.artifacts import scaling_points
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TRL = importlib.util.find_spec("trl") is not None
-RATIOS = re.compile(r"ratio_vs_trl_default=(\S+) ratio_vs_trl_best=(\S+) overhead_vs_bare=(\S+) mpo_vs_dpo=(\S+)")
+RATIOS = re.compile(
+    r"ratio_vs_trl_default=(\S+) ratio_vs_trl_best=(\S+) overhead_vs_bare=(\S+) mpo_vs_dpo=(\S+) "
+    r"overhead_vs_bare_same_padding=(\S+)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def test_quick_mode_prints_the_tables_and_finite_ratios_last(quick):
     assert match, stdout[-2000:]
     values = [float(v) for v in match.groups()] if HAS_TRL else [float(v) for v in match.groups()[2:]]
     assert all(math.isfinite(v) for v in values), match.group(0)
-    for name in ("prefopt-default", "prefopt-best", "trl-default", "trl-best", "bare-pytorch", "prefopt-mpo"):
+    for name in (*report.DPO_ROWS, "prefopt-mpo"):
         assert re.search(rf"^{name}\s", stdout, re.MULTILINE), name
     for title in ("main table", "scaling:", "time to first step", "selective log-softmax memory"):
         assert title in stdout, title
@@ -56,7 +59,7 @@ def test_every_dpo_configuration_forwards_the_same_tokens(quick):
     _, results = quick
     expected = results["manifest"]["main"]["tokens_per_step"]
     main = {r["name"]: r for r in results["main"]}
-    names = ["prefopt-default", "prefopt-best", "bare-pytorch", "prefopt-dpo-live"]
+    names = ["prefopt-default", "prefopt-best", "prefopt-padded", "prefopt-ckpt", "bare-pytorch", "prefopt-dpo-live"]
     names += ["trl-default", "trl-best"] if HAS_TRL else []
     for name in names:
         assert [int(t) for t in main[name]["tokens"]] == expected, name  # prefopt: the trainer's perf/tokens
@@ -98,4 +101,4 @@ def test_without_trl_the_rows_say_so(quick, monkeypatch):
     assert text.count("TRL not installed (pip install -e .[bench])") == 2
     last = RATIOS.fullmatch(text.splitlines()[-1])
     assert last and last.group(1) == last.group(2) == "n/a"
-    assert math.isfinite(float(last.group(3))) and math.isfinite(float(last.group(4)))
+    assert all(math.isfinite(float(last.group(i))) for i in (3, 4, 5))

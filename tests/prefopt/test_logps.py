@@ -1,0 +1,171 @@
+"""Per-sequence log-probs: length buckets and the selective log-softmax against a naive full log_softmax."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefopt.logps import bucket_overhead, plan_buckets, selective_log_softmax, sequence_logps
+
+VOCAB = 97
+
+
+def _model(**config) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **config,
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
+def _batch(lengths: list[tuple[int, int]], pad: int = 0, seed: int = 1):
+    """Right-padded rows of (prompt length, completion length)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(p + c for p, c in lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    completion = torch.zeros_like(ids)
+    for row, (p, c) in enumerate(lengths):
+        ids[row, : p + c] = torch.randint(1, VOCAB, (p + c,), generator=gen)
+        attention[row, : p + c] = 1
+        completion[row, p : p + c] = 1
+    return ids, attention, completion
+
+
+def _naive(model, ids, attention, completion) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    token = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token * completion[:, 1:]).sum(dim=-1)
+
+
+LENGTHS = [(3, 4), (5, 30), (2, 1), (4, 17), (6, 2), (3, 25), (1, 9), (7, 3)]
+
+
+@pytest.mark.parametrize("buckets", [False, True, 0, 1000])
+def test_sequence_logps_match_a_naive_log_softmax_values_and_gradients(buckets):
+    model = _model()
+    batch = _batch(LENGTHS)
+    expected = _naive(model, *batch)
+    weights = torch.linspace(-1.0, 2.0, len(LENGTHS))
+    (expected * weights).sum().backward()
+    naive_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    got = sequence_logps(model, *batch, buckets=buckets)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    for param, grad in zip(model.parameters(), naive_grads, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-5)
+
+
+def test_buckets_cut_padding_and_keep_row_order():
+    model = _model()
+    batch = _batch(LENGTHS)
+    calls = []
+    model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    with torch.no_grad():
+        one = sequence_logps(model, *batch, buckets=False)
+        split = sequence_logps(model, *batch, buckets=0)  # no overhead: one forward per distinct length
+    assert calls[0] == batch[0].shape
+    assert len(calls) == 1 + len({p + c for p, c in LENGTHS})
+    assert sum(rows * width for rows, width in calls[1:]) == sum(p + c for p, c in LENGTHS)  # no pad at all
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-4)
+
+
+def test_left_padded_rows_fall_back_to_one_forward():
+    model = _model()
+    ids, attention, completion = _batch(LENGTHS)
+    # shift row 0 right by two columns (left padding)
+    ids, attention, completion = (torch.cat([t[:, :2] * 0, t], dim=1) for t in (ids, attention, completion))
+    for t in (ids, attention, completion):
+        t[1:] = torch.roll(t[1:], -2, dims=1)
+    calls = []
+    model.model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(1), with_kwargs=True)
+    with torch.no_grad():
+        got = sequence_logps(model, ids, attention, completion)
+        assert len(calls) == 1
+        expected = _naive(model, ids, attention, completion)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_scaled_logits_use_the_models_own_logits():
+    model = _model()
+    model.config.final_logit_softcapping = 30.0  # marks the head as not plain: the model's own logits are used
+    batch = _batch(LENGTHS)
+    with torch.no_grad():
+        got = sequence_logps(model, *batch)
+        expected = _naive(model, *batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_rows_without_completion_tokens_get_zero():
+    model = _model()
+    batch = _batch([(4, 0), (3, 5), (2, 0)])
+    got = sequence_logps(model, *batch)
+    assert got[0] == 0 and got[2] == 0 and got[1] < 0
+
+
+def _brute_force(lengths: list[int], overhead: int) -> float:
+    ordered = sorted(lengths)
+    n, best = len(ordered), float("inf")
+    for k in range(n):
+        for cuts in itertools.combinations(range(1, n), k):
+            bounds = [0, *cuts, n]
+            cost = sum((b - a) * ordered[b - 1] + overhead for a, b in itertools.pairwise(bounds))
+            best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("overhead", [0, 7, 40, 500])
+def test_plan_buckets_is_the_cheapest_partition(seed, overhead):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 60, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
+    groups = plan_buckets(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row exactly once
+    cost = sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+    assert cost == _brute_force(lengths, overhead)
+
+
+def test_plan_buckets_limits():
+    lengths = [10, 200, 11, 190, 12]
+    assert plan_buckets(lengths, 10**9) == [[0, 2, 4, 3, 1]]  # overhead dominates: one forward (sorted)
+    assert [sorted(g) for g in plan_buckets(lengths, 0)] == [[0], [2], [4], [3], [1]]
+    assert plan_buckets([], 5) == []
+    assert bucket_overhead("cpu") < bucket_overhead("cuda")
+
+
+def test_small_logits_are_kept_large_ones_recomputed(monkeypatch):
+    """Below the size limit the chunk is not checkpointed (no recompute); above it, it is; same values and grads."""
+    import prefopt.logps as logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(50, (40,))
+    results = []
+    real = logps.checkpoint
+    for keep in (1 << 22, 0):
+        monkeypatch.setattr(logps, "KEEP_ELEMENTS", keep)
+        calls = []
+        monkeypatch.setattr(logps, "checkpoint", lambda *a, calls=calls, **k: calls.append(1) or real(*a, **k))
+        hidden.grad = None
+        out = selective_log_softmax(hidden, targets, head)
+        out.sum().backward()
+        results.append((out.detach(), hidden.grad.clone(), len(calls)))
+    (kept, kept_grad, kept_calls), (recomputed, recomputed_grad, recomputed_calls) = results
+    assert kept_calls == 0 and recomputed_calls == 1
+    torch.testing.assert_close(kept, recomputed)
+    torch.testing.assert_close(kept_grad, recomputed_grad)
