@@ -12,9 +12,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import datasets
-from datasets.exceptions import DatasetGenerationError
-
 from .errors import DataError, first_line
 from .formats import to_standard
 
@@ -33,6 +30,14 @@ _BUILDERS = {
     ".json.gz": "json",
     ".csv.gz": "csv",
 }
+def _datasets():
+    """``datasets`` is imported when a file or hub dataset is read (1.2 s of imports; the embedded default never reads
+    one)."""
+    import datasets
+
+    return datasets
+
+
 # datasets' message when a file parses to zero rows (a blank line, ``[]``, a CSV header alone).
 _NO_DATA = "corresponds to no data"
 
@@ -51,7 +56,7 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: no rows")
     try:
         with _no_download_counts():
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            dataset = _datasets().load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets surfaces pyarrow, pandas and json errors of many types
         if _NO_DATA in str(exc):
             raise DataError(f"{path}: no rows") from exc
@@ -63,6 +68,7 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
 def _no_download_counts():
     """A local file needs no network, but ``datasets`` pings the hub to count a download of its packaged builder
     (a HEAD request that can stall for seconds offline); switch that off while loading."""
+    datasets = _datasets()
     saved = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     try:
@@ -95,7 +101,7 @@ def load_hub_pairs(
     """
     _check_on_bad_row(on_bad_row)
     source = f"{name}[{split}]"
-    rows = datasets.load_dataset(name, split=split, **load_kwargs).to_list()
+    rows = _datasets().load_dataset(name, split=split, **load_kwargs).to_list()
     if not rows:
         raise DataError(f"{source}: no rows")
     return _convert_rows(rows, source=source, tokenizer=tokenizer, on_bad_row=on_bad_row)
@@ -113,6 +119,8 @@ def _builder(path: Path) -> str:
 
 def _root_cause(exc: BaseException) -> BaseException:
     """Look through datasets' generic "An error occurred while generating the dataset" to the parser's error."""
+    from datasets.exceptions import DatasetGenerationError
+
     while isinstance(exc, DatasetGenerationError) and exc.__cause__ is not None:
         exc = exc.__cause__
     return exc
