@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): prefopt vs TRL's DPOTrainer vs a bare PyTorch loop, side by side.
 
-    python -m bench            # full: ~10-15 min on 2 CPU cores
+    python -m bench            # full: ~9 min on 2 CPU cores (--repeats 2: ~13 min)
     python -m bench --quick    # tiny sizes, one worker process, seconds (also PREFOPT_BENCH_QUICK=1)
 
 Every configuration trains the same model (saved once, loaded by every run) on the same pairs in the same batches

@@ -30,6 +30,8 @@ _BUILDERS = {
     ".json.gz": "json",
     ".csv.gz": "csv",
 }
+
+
 def _datasets():
     """``datasets`` is imported when a file or hub dataset is read (1.2 s of imports; the embedded default never reads
     one)."""
