@@ -551,7 +551,11 @@ def _performance_settings(tcfg, policy, device: torch.device) -> None:
     if tcfg.get("gradient_checkpointing", False):
         if not getattr(policy, "supports_gradient_checkpointing", False):
             raise ConfigError(f"trainer.gradient_checkpointing: {type(policy).__name__} does not support it")
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _buckets(tcfg) -> bool | int:

@@ -89,6 +89,38 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "trainer.length_buckets=false",
+        "trainer.bucket_overhead_tokens=0",
+        "trainer.gradient_checkpointing=true",
+        "trainer.fused_optimizer=false",
+    ],
+)
+def test_performance_settings_do_not_change_the_trajectory(tmp_path, cache_dir, setting):
+    """Length buckets, gradient checkpointing and the fused optimizer change speed and memory, not the losses."""
+    base = run(tmp_path, cache_dir, "trainer.max_steps=4", name="base")
+    other = run(tmp_path, cache_dir, "trainer.max_steps=4", setting, name="other")
+    for a, b in zip(metrics(base), metrics(other), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-4)
+    perf = [line for line in metrics(base) if "perf/step_seconds" in line]
+    assert len(perf) == 4 and all(line["perf/tokens_per_second"] > 0 for line in perf)
+
+
+def test_cpu_training_flushes_denormals(tmp_path, cache_dir):
+    import torch
+
+    torch.set_flush_denormal(False)
+    try:
+        assert float(torch.tensor(1e-39) * 1.0) != 0.0
+        run(tmp_path, cache_dir, "trainer.max_steps=1")
+        assert float(torch.tensor(1e-39) * 1.0) == 0.0  # flushed to zero: no slow denormal arithmetic
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_default_run_learns_the_preference(tmp_path, cache_dir):
     """A short version of the default run: held-out reward accuracy rises well above chance."""
     summary = run(
