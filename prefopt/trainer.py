@@ -490,6 +490,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
                 "grad_norm": grad_norm,
             }
             _perf_totals(line, accelerator.num_processes)
+            line["perf/peak_memory_mib"] = _peak_memory_mib(device)
         elif problem is None:
             log.warning("step %d skipped: %s", step, empty)
             line = {"skipped": 1, **_reduce(accelerator, draw.metrics)}
@@ -564,6 +565,24 @@ def _buckets(tcfg) -> bool | int:
         return False
     overhead = tcfg.get("bucket_overhead_tokens")
     return True if overhead is None else int(overhead)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far: allocated GPU memory on CUDA, else the peak resident set size (Linux
+    ``VmHWM``; ``ru_maxrss`` elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _perf_totals(line: dict[str, float], world: int) -> None:

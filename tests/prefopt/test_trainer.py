@@ -107,6 +107,8 @@ def test_performance_settings_do_not_change_the_trajectory(tmp_path, cache_dir, 
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-4)
     perf = [line for line in metrics(base) if "perf/step_seconds" in line]
     assert len(perf) == 4 and all(line["perf/tokens_per_second"] > 0 for line in perf)
+    peaks = [line["perf/peak_memory_mib"] for line in perf]
+    assert peaks == sorted(peaks) and 50 < peaks[0] < 100_000  # a running peak, in MiB
 
 
 def test_cpu_training_flushes_denormals(tmp_path, cache_dir):
