@@ -81,9 +81,10 @@ def _data_set(tokenizer, paths: dict, *, n_train: int, batch: int, steps: int, s
         groups = plan_buckets(rows, bucket_overhead("cpu"))
         return len(rows) * max(rows), sum(len(g) * max(rows[r] for r in g) for g in groups)
 
+    per_step = [positions(idx) for idx in steps_idx]
     return {
-        "padded_per_step": [positions(idx)[0] for idx in steps_idx],
-        "bucketed_per_step": [positions(idx)[1] for idx in steps_idx],
+        "padded_per_step": [padded for padded, _ in per_step],
+        "bucketed_per_step": [bucketed for _, bucketed in per_step],
         "train": _write(train, Path(paths["train"])),
         "eval": _write(evaluation, Path(paths["eval"])),
         "ordered": _write(ordered, Path(paths["ordered"])),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import re
 import resource
 import sys
 import time
@@ -20,16 +19,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from prefopt.memory import current_rss_mib, peak_rss_mib
+
 
 # --------------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> int | None:
-    try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
 def reset_peak() -> bool:
     """Reset the process's peak RSS (Linux ``/proc/self/clear_refs``); False where that is not possible."""
     try:
@@ -37,18 +30,6 @@ def reset_peak() -> bool:
     except OSError:
         return False
     return True
-
-
-def peak_rss_mib() -> float:
-    """Peak RSS of this process: ``VmHWM`` (resettable) where available, else ``ru_maxrss`` (since start)."""
-    hwm = _status_kib("VmHWM")
-    kib = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024
-
-
-def current_rss_mib() -> float:
-    rss = _status_kib("VmRSS")
-    return (rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 def _threads(spec: dict) -> None:

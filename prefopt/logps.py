@@ -49,7 +49,7 @@ def selective_log_softmax(
     if chunk_size is None:
         chunk_size = auto_chunk_size(vocab) if vocab else 4096
     pieces = []
-    keep = hidden.shape[0] <= chunk_size and hidden.shape[0] * (vocab if vocab else 1 << 30) <= KEEP_ELEMENTS
+    keep = bool(vocab) and hidden.shape[0] <= chunk_size and hidden.shape[0] * vocab <= KEEP_ELEMENTS
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad and not keep:
@@ -107,23 +107,23 @@ def sequence_logps(
     ``buckets``: True = length buckets with the device's default overhead (:func:`bucket_overhead`), an int = that
     overhead in padded tokens, False = one forward over the whole padded batch."""
     n_rows = input_ids.shape[0]
-    lengths = attention_mask.sum(dim=1)
-    right_padded = bool(
-        (attention_mask.bool() == (torch.arange(input_ids.shape[1], device=lengths.device) < lengths[:, None])).all()
-    )
-    if buckets is False or n_rows < 2 or not right_padded:  # cutting columns assumes right padding
-        groups = [None]
-    else:
-        overhead = bucket_overhead(input_ids.device) if buckets is True else int(buckets)
-        groups = plan_buckets(lengths.cpu(), overhead)
+    groups: list[list[int] | None] = [None]  # None: the whole padded batch
+    if buckets is not False and n_rows > 1:
+        lengths = attention_mask.sum(dim=1)
+        columns = torch.arange(input_ids.shape[1], device=lengths.device)
+        if bool((attention_mask.bool() == (columns < lengths[:, None])).all()):  # cutting columns needs right padding
+            overhead = bucket_overhead(input_ids.device) if buckets is True else int(buckets)
+            lengths = lengths.tolist()
+            groups = plan_buckets(lengths, overhead)
     plain = _plain_head(model)
+    backbone = getattr(model, model.base_model_prefix) if plain else model
     states, targets, rows = [], [], []
     for group in groups:
         if group is None:
             ids, attention, completion, index = input_ids, attention_mask, completion_mask, None
         else:
             index = torch.tensor(group, device=input_ids.device)
-            width = max(int(lengths[index].max()), 1)
+            width = max(max(lengths[i] for i in group), 1)
             ids, attention, completion = (t[index, :width] for t in (input_ids, attention_mask, completion_mask))
         target_mask = completion[:, 1:].bool()  # [n, T-1]
         if not target_mask.any():
@@ -131,11 +131,8 @@ def sequence_logps(
         row_ids = torch.arange(ids.shape[0], device=ids.device) if index is None else index
         rows.append(row_ids[:, None].expand_as(target_mask)[target_mask])
         targets.append(ids[:, 1:][target_mask])
-        if plain:
-            backbone = getattr(model, model.base_model_prefix)
-            hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-        else:
-            hidden = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        out = backbone(input_ids=ids, attention_mask=attention, use_cache=False)
+        hidden = out.last_hidden_state if plain else out.logits
         states.append(hidden[:, :-1][target_mask])
     summed = torch.zeros(n_rows, dtype=torch.float32, device=input_ids.device)
     if not states:

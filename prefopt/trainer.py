@@ -32,6 +32,7 @@ from prefopt.batching import Batch, collate
 from prefopt.dataset import PreparedData, prepare_data
 from prefopt.errors import ConfigError
 from prefopt.logps import sequence_logps
+from prefopt.memory import peak_rss_mib
 from prefopt.reference import cache_key, frozen_copy, generate_regularization, precompute_reference_logps, sample_extra
 from prefopt.sampled_data import materialize
 from prefopt.scoring import build_scorer
@@ -568,21 +569,8 @@ def _buckets(tcfg) -> bool | int:
 
 
 def _peak_memory_mib(device: torch.device) -> float:
-    """This process's peak memory so far: allocated GPU memory on CUDA, else the peak resident set size (Linux
-    ``VmHWM``; ``ru_maxrss`` elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    """This process's peak memory so far: allocated GPU memory on CUDA, else the peak resident set size."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
 
 
 def _perf_totals(line: dict[str, float], world: int) -> None:

@@ -89,6 +89,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def default_four_steps(tmp_path_factory, cache_dir) -> dict:
+    return run(tmp_path_factory.mktemp("base"), cache_dir, "trainer.max_steps=4", name="base")
+
+
 @pytest.mark.parametrize(
     "setting",
     [
@@ -98,9 +103,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
         "trainer.fused_optimizer=false",
     ],
 )
-def test_performance_settings_do_not_change_the_trajectory(tmp_path, cache_dir, setting):
+def test_performance_settings_do_not_change_the_trajectory(tmp_path, cache_dir, default_four_steps, setting):
     """Length buckets, gradient checkpointing and the fused optimizer change speed and memory, not the losses."""
-    base = run(tmp_path, cache_dir, "trainer.max_steps=4", name="base")
+    base = default_four_steps
     other = run(tmp_path, cache_dir, "trainer.max_steps=4", setting, name="other")
     for a, b in zip(metrics(base), metrics(other), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
