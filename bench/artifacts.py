@@ -17,7 +17,7 @@ SCALING_MIN_TOKENS_PER_WORD = 1.0  # the embedded tokenizer gives >= 1 token per
 def _rows(n: int, seed: int, min_words: int, max_words: int) -> list[dict]:
     """Synthetic pairs; completions get a leading space so that prompt + completion tokenizes as prompt tokens +
     completion tokens (TRL tokenizes the concatenation, prefopt the parts: with the space both give the same ids)."""
-    from prefopt import synthetic
+    from prefopt.data import synthetic
 
     train, _ = synthetic.make_preference_data(n, 0, seed=seed, min_words=min_words, max_words=max_words)
     return [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in train]

@@ -18,6 +18,6 @@ def fit(cfg: Any, run_dir: str | None = None) -> dict:
 
 def compose(overrides: list[str] | None = None) -> Any:
     """The Hydra config ``prefopt-train`` would use with these command-line overrides, e.g. ``["loss=ipo"]``."""
-    from prefopt.train import compose_config
+    from prefopt.config import compose_config
 
     return compose_config(overrides or [])

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
+from prefopt.config import plain
+
 TINY_LLAMA = "tiny-llama"
 EMBEDDED_TOKENIZER = "embedded"
 TOKENIZER_VERSION = "prefopt-bpe-v1"  # bump when the embedded tokenizer's training changes: invalidates caches
@@ -49,15 +51,6 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
     return _DTYPES[key]
-
-
-def _plain(obj: Any) -> Any:
-    """``obj`` as plain Python containers (OmegaConf containers and other mappings become dicts)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _sha(payload: Any, n: int = 16) -> str:
@@ -125,7 +118,7 @@ def _embedded_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """The embedded BPE tokenizer: loaded from ``cache_dir`` when trained before, otherwise trained and cached."""
     if corpus is None:
-        from prefopt.synthetic import default_corpus
+        from prefopt.data.synthetic import default_corpus
 
         corpus = default_corpus
     texts = list(corpus())
@@ -181,7 +174,7 @@ def _tiny_llama(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, dtype: tor
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        **_plain(cfg.get("config") or {}),
+        **plain(cfg.get("config") or {}),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.get("init_seed", 0)))
@@ -234,7 +227,7 @@ def model_fingerprint(cfg: ModelConfig, model: PreTrainedModel) -> str:
     if name == TINY_LLAMA:
         payload: list[Any] = [
             name,
-            _plain(cfg.get("config") or {}),
+            plain(cfg.get("config") or {}),
             int(cfg.get("init_seed", 0)),
             int(model.config.vocab_size),
             dtype,

@@ -1,152 +1,135 @@
-"""The reference policy, as the loss declares it: precomputed log-probs cached on disk (default), a live frozen copy,
-or nothing at all for reference-free losses. Also MPO's regularisation samples, generated from the reference before
-training and cached with their reference log-probs.
+"""The reference policy: one object, chosen once per run and shared by offline training, online sampling and sampled
+evaluation — at most one frozen copy of the initial policy per process.
 
-Caches are keyed by a hash of what produced them (initial weights, tokenized data, generation settings), so one
-cache serves every run of a sweep over losses and β.
+:class:`Reference` answers ``logps(sequences)`` (summed log-probs of ``{prompt_ids, completion_ids}`` rows, fp32)
+from, in order: a table of precomputed values (``reference.mode=precomputed``: computed once before training and
+cached on disk, keyed by the initial weights and the tokenized data), a short-lived memo of the values the online
+source computed when it sampled, and a live frozen copy (``reference.mode=live``, online runs, sampled evaluation).
+Tables are keyed by content (:func:`prefopt.cache.sequence_key`), so a lookup never depends on data order.
+
+    reference = Reference.live(policy)                      # a frozen copy
+    reference = Reference.precomputed(policy, splits, ...)  # a table; keep_model=True keeps the copy too
+    reference.logps(rows)                                   # [N] fp32, rows as the policy sees them
+
+An adapter-disabled reference (LoRA) is one more way to run ``_compute``: the same model with its adapters off.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from prefopt.batching import collate
-from prefopt.generation import sample_completions
+from prefopt.cache import cached, load_tensors, save_tensors, sequence_key
 from prefopt.logps import sequence_logps
 
-__all__ = [
-    "logps_of",
-    "frozen_copy",
-    "precompute_reference_logps",
-    "generate_regularization",
-    "sample_extra",
-    "cache_key",
-]
-
-
-def cache_key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+__all__ = ["Reference", "frozen_copy", "logps_of"]
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A live reference: a frozen, eval-mode copy of the initial policy."""
+    """A frozen, eval-mode copy of the initial policy."""
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
-def logps_of(model, sequences: Sequence[dict], pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """Summed log-probs of ``(prompt_ids, completion_ids)`` sequences under ``model``, fp32 [N]."""
+def logps_of(
+    model, sequences: Sequence[dict], pad_id: int, batch_size: int | None, device, buckets: bool | int = False
+) -> Tensor:
+    """Summed log-probs of ``{prompt_ids, completion_ids}`` rows under ``model``, fp32 [N], on ``device``'s host
+    copy (CPU) unless ``batch_size`` is None (then one batch, the result left on ``device``)."""
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(sequences), batch_size):
-        batch = collate([], pad_id, extra=sequences[start : start + batch_size]).to(device)
-        out.append(sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask).cpu())
+    size = batch_size or max(len(sequences), 1)
+    for start in range(0, len(sequences), size):
+        batch = collate(sequences[start : start + size], pad_id).to(device)
+        values = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=buckets)
+        out.append(values if batch_size is None else values.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def precompute_reference_logps(
-    model, examples: list[dict], *, pad_id: int, batch_size: int, device, cache: Path
-) -> None:
-    """Attach ``ref_chosen_logps`` / ``ref_rejected_logps`` to every example: loaded from ``cache`` if present, else
-    computed once with ``model`` (the initial policy = the reference) and saved there."""
-    if cache.exists():
-        stored = load_file(str(cache))
-    else:
-        sequences = [
-            {"prompt_ids": e["prompt_ids"], "completion_ids": e[key]}
-            for key in ("chosen_ids", "rejected_ids")
-            for e in examples
-        ]
-        logps = logps_of(model, sequences, pad_id, batch_size, device)
-        stored = {"chosen": logps[: len(examples)], "rejected": logps[len(examples) :]}
-        _save_atomic(stored, cache)
-    if stored["chosen"].numel() != len(examples):
-        raise RuntimeError(f"reference cache {cache} holds {stored['chosen'].numel()} rows, data has {len(examples)}")
-    for example, chosen, rejected in zip(examples, stored["chosen"].tolist(), stored["rejected"].tolist(), strict=True):
-        example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
+class Reference:
+    """Reference log-probs by table, memo or live model (see the module docstring)."""
 
+    def __init__(self, model: torch.nn.Module | None, *, pad_id: int, device, table: dict[bytes, float] | None = None):
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.table = table or {}
+        self._memo: dict[bytes, float] = {}
 
-@torch.no_grad()
-def generate_regularization(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    *,
-    samples_per_prompt: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int,
-    seed: int,
-    device,
-    cache: Path,
-) -> list[dict]:
-    """MPO's regularisation data: completions sampled from the reference for each distinct prompt, with their
-    reference log-probs (``ref_logps``), cached at ``cache``. Generation is left-padded and seeded."""
-    if cache.exists():
-        stored = load_file(str(cache))
-        return _unpack(stored)
-    unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)] * samples_per_prompt
-    completions = sample_completions(
-        model,
-        tokenizer,
-        unique,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-    )
-    samples = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(unique, completions, strict=True) if c]
-    ref = logps_of(model, samples, tokenizer.pad_token_id, batch_size, device)
-    for sample, value in zip(samples, ref.tolist(), strict=True):
-        sample["ref_logps"] = value
-    _save_atomic(_pack(samples), cache)
-    return samples
+    @classmethod
+    def live(cls, policy: torch.nn.Module, *, pad_id: int, device) -> Reference:
+        return cls(frozen_copy(policy), pad_id=pad_id, device=device)
 
+    @classmethod
+    def precomputed(
+        cls,
+        policy: torch.nn.Module,
+        splits: Iterable[tuple[list[dict], Path]],
+        *,
+        pad_id: int,
+        batch_size: int,
+        device,
+        keep_model: bool = False,
+    ) -> Reference:
+        """Reference log-probs of both completions of every pair of each ``(examples, cache_file)`` split, computed
+        once with ``policy`` (the initial policy = the reference) or loaded from the cache file. ``keep_model`` keeps
+        a frozen copy too, for sequences no table holds (samples drawn during training)."""
+        table: dict[bytes, float] = {}
+        for examples, path in splits:
+            sides = ("chosen_ids", "rejected_ids")
+            rows = [{"prompt_ids": e["prompt_ids"], "completion_ids": e[key]} for key in sides for e in examples]
 
-def _pack(samples: list[dict]) -> dict[str, torch.Tensor]:
-    lengths = lambda key: torch.tensor([len(s[key]) for s in samples], dtype=torch.long)  # noqa: E731
-    flat = lambda key: torch.tensor([t for s in samples for t in s[key]], dtype=torch.long)  # noqa: E731
-    return {
-        "prompt_lengths": lengths("prompt_ids"),
-        "prompt_ids": flat("prompt_ids"),
-        "completion_lengths": lengths("completion_ids"),
-        "completion_ids": flat("completion_ids"),
-        "ref_logps": torch.tensor([s["ref_logps"] for s in samples], dtype=torch.float32),
-    }
+            n = len(examples)
 
+            def compute(rows=rows, n=n) -> dict[str, Tensor]:
+                values = logps_of(policy, rows, pad_id, batch_size, device)
+                return {"chosen": values[:n], "rejected": values[n:]}
 
-def _unpack(stored: dict[str, torch.Tensor]) -> list[dict]:
-    prompts = torch.split(stored["prompt_ids"], stored["prompt_lengths"].tolist())
-    completions = torch.split(stored["completion_ids"], stored["completion_lengths"].tolist())
-    return [
-        {"prompt_ids": p.tolist(), "completion_ids": c.tolist(), "ref_logps": r}
-        for p, c, r in zip(prompts, completions, stored["ref_logps"].tolist(), strict=True)
-    ]
+            def load(file: Path, n=n) -> dict[str, Tensor]:
+                stored = load_tensors(file)
+                if stored["chosen"].numel() != n or stored["rejected"].numel() != n:
+                    raise ValueError(f"it holds {stored['chosen'].numel()} rows, the data has {n}")
+                return stored
 
+            stored = cached(path, compute, save=save_tensors, load=load, what="reference log-probs")
+            values = stored["chosen"].tolist() + stored["rejected"].tolist()
+            for row, value in zip(rows, values, strict=True):
+                table[sequence_key(row["prompt_ids"], row["completion_ids"])] = value
+        model = frozen_copy(policy) if keep_model else None
+        return cls(model, pad_id=pad_id, device=device, table=table)
 
-def sample_extra(pool: Sequence[dict], count: int, *, seed: int, step: int, micro: int) -> list[dict]:
-    """``count`` regularisation samples for one micro-batch, a pure function of (seed, step, micro) so a resumed run
-    draws the same ones."""
-    rng = random.Random(f"{seed}/{step}/{micro}")
-    return [pool[rng.randrange(len(pool))] for _ in range(count)]
+    @property
+    def is_live(self) -> bool:
+        """Whether this reference runs a model during training (no table)."""
+        return self.model is not None and not self.table
+
+    def remember(self, sequences: Sequence[dict], values: Tensor) -> None:
+        """Keep values just computed for ``sequences`` (online samples) until :meth:`forget`."""
+        for row, value in zip(sequences, values.tolist(), strict=True):
+            self._memo[sequence_key(row["prompt_ids"], row["completion_ids"])] = value
+
+    def forget(self) -> None:
+        self._memo.clear()
+
+    def logps(self, sequences: Sequence[dict], *, batch_size: int | None = None, buckets: bool | int = False) -> Tensor:
+        """[N] fp32 reference log-probs of ``sequences``: from the table or memo where known, else computed live
+        (``batch_size`` rows per forward, None = one forward); on the reference's device unless computed in
+        batches."""
+        if self.table or self._memo:
+            keys = [sequence_key(r["prompt_ids"], r["completion_ids"]) for r in sequences]
+            found = [self.table.get(k, self._memo.get(k)) for k in keys]
+            if all(v is not None for v in found):
+                return torch.tensor(found, dtype=torch.float32, device=self.device)
+            if self.model is None:
+                missing = next(i for i, v in enumerate(found) if v is None)
+                raise RuntimeError(
+                    f"reference log-probs of row {missing} were not precomputed and no reference model is kept"
+                )
+        if self.model is None:
+            raise RuntimeError("this reference has neither a table nor a model")
+        return logps_of(self.model, sequences, self.pad_id, batch_size, self.device, buckets=buckets)

@@ -1,7 +1,7 @@
 """Scorers: what the online trainer calls to turn sampled completions into the scalar reward a loss trains on.
 
 ``reward=<name>`` (``conf/reward/NAME.yaml``) scores with one reward function; ``reward=alarm`` composes a holistic
-reward with aspect rewards through ALaRM's hierarchical gate (spec §6, ``losses.alarm``). Every scorer returns
+reward with aspect rewards through ALaRM's hierarchical gate (Lai et al. 2024, ``losses.alarm``). Every scorer returns
 :class:`Scores`: the total [N], each component's raw values [N] (for logging) and scalar metrics.
 
     scorer = build_scorer(cfg.reward)
@@ -11,18 +11,15 @@ reward with aspect rewards through ALaRM's hierarchical gate (spec §6, ``losses
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from losses.alarm import MODES, alarm_reward
-from prefopt.errors import ConfigError
+from prefopt.config import ConfigError, plain
 from prefopt.rewards import build_reward
 
 __all__ = ["Scores", "RewardScorer", "AlarmScorer", "build_scorer"]
@@ -33,10 +30,6 @@ class Scores:
     total: Tensor  # [N] the reward the loss is trained on
     components: dict[str, Tensor]  # name -> [N] raw values of each reward involved
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
 class RewardScorer:
@@ -71,7 +64,7 @@ class AlarmScorer:
     """
 
     def __init__(self, cfg: Mapping[str, Any]):
-        cfg = _plain(cfg)
+        cfg = plain(cfg)
         self.cfg = cfg
         if cfg.get("mode") not in MODES:
             raise ConfigError(f"reward.mode must be one of {list(MODES)}, got {cfg.get('mode')!r}")
@@ -176,7 +169,3 @@ def build_scorer(cfg: Mapping[str, Any]) -> RewardScorer | AlarmScorer:
     """``reward=alarm`` (a config with a ``holistic`` reward) -> :class:`AlarmScorer`; any other reward config ->
     :class:`RewardScorer`."""
     return AlarmScorer(cfg) if "holistic" in cfg else RewardScorer(cfg)
-
-
-def save_stats(path: Path, stats: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(stats, indent=2))

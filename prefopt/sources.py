@@ -4,8 +4,8 @@
 * :class:`OnlineSource` — every step, ``samples_per_prompt`` completions per prompt sampled from the current policy,
   scored by the configured reward (``prefopt.scoring``), then shaped for the loss's kind: pairs (best vs worst, or
   every ordered pair whose reward gap exceeds a margin) for pairwise losses, groups of k scored samples for group
-  losses (``rloo``). Reference log-probs come from the frozen initial policy at sampling time and travel with the
-  batch like precomputed ones (``trainer=online``).
+  losses (``rloo``). Reference log-probs are computed at sampling time by the run's reference, which keeps them
+  for the step (``trainer=online``).
 
 A source's ``draw(policy, step)`` returns a :class:`Draw`: this process's micro-batches, sampling metrics and, now
 and then, a small table of samples to log. ``state()`` / ``load_state()`` make the data position resumable.
@@ -14,16 +14,16 @@ and then, a small table of samples to log. ``state()`` / ``load_state()`` make t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from prefopt import rewards
 from prefopt.generation import decode_completions, sample_completions
-from prefopt.reference import logps_of
+from prefopt.reference import Reference, logps_of
 from prefopt.scoring import Scores
+from prefopt.settings import SamplingSettings
 
 __all__ = ["Order", "Draw", "OfflineSource", "OnlineSource"]
 
@@ -75,15 +75,18 @@ class Draw:
 class OfflineSource:
     """Dataset pairs: ``batch_size`` per step (global), this process's share split into micro-batches."""
 
-    def __init__(self, examples: list[dict], *, batch_size: int, micro: int, rank: int, world: int, seed: int):
-        self.examples, self.batch_size, self.micro, self.rank, self.world = examples, batch_size, micro, rank, world
+    def __init__(
+        self, examples: list[dict], *, batch_size: int, micro_batch_size: int, rank: int, world: int, seed: int
+    ):
+        self.examples, self.batch_size, self.rank, self.world = examples, batch_size, rank, world
+        self.micro_batch_size = micro_batch_size
         self.order = Order(len(examples), seed)
-        self.accumulation = batch_size // (micro * world)
+        self.accumulation = batch_size // (micro_batch_size * world)
 
     def draw(self, policy, step: int) -> Draw:
         indices = self.order.take(self.batch_size)[self.rank :: self.world]
-        micro, examples = self.micro, self.examples
-        return Draw([[examples[i] for i in indices[m * micro : (m + 1) * micro]] for m in range(self.accumulation)])
+        size, examples = self.micro_batch_size, self.examples
+        return Draw([[examples[i] for i in indices[m * size : (m + 1) * size]] for m in range(self.accumulation)])
 
     def state(self) -> dict[str, Any]:
         return self.order.state()
@@ -112,30 +115,27 @@ class OnlineSource:
         *,
         tokenizer,
         scorer,
-        reference,
+        reference: Reference | None,
         kind: str,
-        carry_reference: bool,
-        aux_rewards: Sequence[str] = (),
-        cfg,
+        settings: SamplingSettings,
         batch_size: int,
-        micro: int,
+        micro_batch_size: int,
         rank: int,
         world: int,
         seed: int,
         device,
+        observers: Sequence[Callable[[dict], None]] = (),
     ):
         if not prompts:
             raise ValueError("online training needs at least one prompt")
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.tokenizer, self.scorer, self.reference, self.kind = tokenizer, scorer, reference, kind
-        self.carry_reference, self.aux_rewards, self.cfg = carry_reference, list(aux_rewards), cfg
-        self.batch_size, self.micro, self.rank, self.world, self.seed = batch_size, micro, rank, world, seed
-        self.device = device
-        self.k = int(cfg.samples_per_prompt)
-        if self.k < 2:
-            raise ValueError(f"trainer.online.samples_per_prompt must be >= 2 to rank samples, got {self.k}")
+        self.cfg, self.observers = settings, list(observers)
+        self.batch_size, self.micro_batch_size, self.rank, self.world = batch_size, micro_batch_size, rank, world
+        self.seed, self.device = seed, device
+        self.k = settings.samples_per_prompt
         self.order = Order(len(prompts), seed)
-        self.accumulation = batch_size // (micro * world)
+        self.accumulation = batch_size // (micro_batch_size * world)
 
     # ------------------------------------------------------------------------------------------------ sampling
     def generate(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
@@ -146,16 +146,17 @@ class OnlineSource:
             model,
             self.tokenizer,
             prompt_ids,
-            max_new_tokens=int(cfg.max_new_tokens),
-            temperature=float(cfg.temperature),
-            top_p=float(cfg.top_p),
-            batch_size=int(cfg.generation_batch_size),
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=cfg.generation_batch_size,
             seed=seed,
             device=self.device,
         )
         texts, pieces = decode_completions(self.tokenizer, completions)
         prompt_texts = [p["prompt"] for p in prompts for _ in range(k)]
         return {
+            "eos_token_id": self.tokenizer.eos_token_id,
             "prompt_ids": prompt_ids,
             "prompts": prompt_texts,
             "completions": completions,
@@ -166,24 +167,27 @@ class OnlineSource:
     def fit_scorer(self, model) -> dict[str, Any]:
         """Reward statistics (ALaRM's z-normalisation) from samples of ``model`` (the reference) on the first
         ``fit_prompts`` train prompts; the same samples on every process."""
-        prompts = self.prompts[: int(self.cfg.fit_prompts)]
+        prompts = self.prompts[: self.cfg.fit_prompts]
         generated = self.generate(model, prompts, self.k, seed=f"{self.seed}/fit")
         return self.scorer.fit(generated["prompts"], generated["texts"], generated["pieces"])
 
     def sample(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
-        """:meth:`generate`, then scores and the policy's and reference's log-probs of every sample."""
+        """:meth:`generate`, then scores and the policy's and reference's log-probs of every sample (the reference
+        keeps its values until the next draw, so the step reads them instead of running the reference again)."""
         generated = self.generate(model, prompts, k, seed)
         prompt_ids, completions = generated["prompt_ids"], generated["completions"]
         scores: Scores = self.scorer(generated["prompts"], generated["texts"], generated["pieces"])
-        cfg = self.cfg
         sequences = [
             {"prompt_ids": p, "completion_ids": c or [self.tokenizer.eos_token_id]}
             for p, c in zip(prompt_ids, completions, strict=True)
         ]
-        batch = int(cfg.generation_batch_size)
-        pad = self.tokenizer.pad_token_id
-        policy_logps = logps_of(model, sequences, pad, batch, self.device)
-        ref_logps = logps_of(self.reference, sequences, pad, batch, self.device) if self.reference is not None else None
+        batch = self.cfg.generation_batch_size
+        policy_logps = logps_of(model, sequences, self.tokenizer.pad_token_id, batch, self.device)
+        ref_logps = None
+        if self.reference is not None:
+            self.reference.forget()
+            ref_logps = self.reference.logps(sequences, batch_size=batch)
+            self.reference.remember(sequences, ref_logps)
         return {**generated, "scores": scores, "policy_logps": policy_logps, "ref_logps": ref_logps}
 
     def _metrics(self, sampled: dict, prefix: str = "") -> dict[str, float]:
@@ -207,14 +211,17 @@ class OnlineSource:
         indices = self.order.take(self.batch_size)[self.rank :: self.world]
         prompts = [self.prompts[i] for i in indices]
         sampled = self.sample(policy, prompts, self.k, seed=f"{self.seed}/online/{step}/{self.rank}")
+        for observe in self.observers:
+            observe(sampled)
         build = self._pairs if self.kind == "pair" else self._groups
         per_prompt, dropped = build(sampled, len(prompts))
-        micro_batches = [sum(per_prompt[m * self.micro : (m + 1) * self.micro], []) for m in range(self.accumulation)]
+        size = self.micro_batch_size
+        micro_batches = [sum(per_prompt[m * size : (m + 1) * size], []) for m in range(self.accumulation)]
         metrics = self._metrics(sampled, "online/")
         metrics["online/items"] = float(sum(map(len, micro_batches)))
         metrics["online/tied_prompts_frac"] = dropped / len(prompts)
         table = None
-        every = int(self.cfg.table_every or 0)
+        every = self.cfg.table_every
         if every and ((step + 1) % every == 0 or step == 0):  # logged as steps 1, every, 2 * every, ...
             table = self._table(sampled)
         return Draw(micro_batches, metrics, table)
@@ -225,10 +232,7 @@ class OnlineSource:
     def _pairs(self, sampled: dict, n_prompts: int) -> tuple[list[list[dict]], int]:
         """Per prompt: (best, worst) by reward, or every (i, j) with r_i − r_j > margin; ties give no pair."""
         rewards_gk = self._rewards(sampled)
-        margin, mode = float(self.cfg.pair_margin), str(self.cfg.pairing)
-        aux = None
-        if self.aux_rewards:
-            aux = rewards.score_completions(self.aux_rewards, sampled["prompts"], sampled["texts"], normalize=True)
+        margin, mode = self.cfg.pair_margin, self.cfg.pairing
         per_prompt, tied = [], 0
         for g in range(n_prompts):
             r = rewards_gk[g]
@@ -240,25 +244,19 @@ class OnlineSource:
             else:
                 raise ValueError(f"trainer.online.pairing must be best_worst or all, got {mode!r}")
             tied += not candidates
-            per_prompt.append([self._pair(sampled, g * self.k + i, g * self.k + j, aux) for i, j in candidates])
+            per_prompt.append([self._pair(sampled, g * self.k + i, g * self.k + j) for i, j in candidates])
         return per_prompt, tied
 
-    def _pair(self, sampled: dict, i: int, j: int, aux) -> dict:
+    def _pair(self, sampled: dict, i: int, j: int) -> dict:
         eos = self.tokenizer.eos_token_id
-        pair = {
+        return {
             "prompt_ids": sampled["prompt_ids"][i],
             "chosen_ids": sampled["completions"][i] or [eos],
             "rejected_ids": sampled["completions"][j] or [eos],
         }
-        if self.carry_reference:
-            pair["ref_chosen_logps"] = float(sampled["ref_logps"][i])
-            pair["ref_rejected_logps"] = float(sampled["ref_logps"][j])
-        if aux is not None:
-            pair["aux_rewards_chosen"], pair["aux_rewards_rejected"] = aux[i].tolist(), aux[j].tolist()
-        return pair
 
     def _groups(self, sampled: dict, n_prompts: int) -> tuple[list[list[dict]], int]:
-        """Per prompt: one group of k completions with their rewards (and reference log-probs)."""
+        """Per prompt: one group of k completions with their rewards."""
         rewards_gk = self._rewards(sampled)
         eos = self.tokenizer.eos_token_id
         per_prompt, tied = [], 0
@@ -269,8 +267,6 @@ class OnlineSource:
                 "completions": [sampled["completions"][i] or [eos] for i in rows],
                 "rewards": rewards_gk[g].tolist(),
             }
-            if sampled["ref_logps"] is not None:
-                group["ref_logps"] = [float(sampled["ref_logps"][i]) for i in rows]
             tied += bool((rewards_gk[g] == rewards_gk[g][0]).all())
             per_prompt.append([group])
         return per_prompt, tied
@@ -278,7 +274,7 @@ class OnlineSource:
     def _table(self, sampled: dict) -> list[dict]:
         rows = []
         scores: Scores = sampled["scores"]
-        for i in range(min(int(self.cfg.table_rows), len(sampled["texts"]))):
+        for i in range(min(self.cfg.table_rows, len(sampled["texts"]))):
             row = {"prompt": sampled["prompts"][i], "completion": sampled["texts"][i], "reward": float(scores.total[i])}
             row.update({name: float(v[i]) for name, v in scores.components.items()})
             rows.append(row)
@@ -288,10 +284,10 @@ class OnlineSource:
     @torch.no_grad()
     def evaluate(self, policy) -> dict[str, float]:
         """Reward, KL and length of samples on the eval prompts (this process's shard), same seed every time."""
-        prompts = self.eval_prompts[: int(self.cfg.eval_prompts)][self.rank :: self.world]
+        prompts = self.eval_prompts[: self.cfg.eval_prompts][self.rank :: self.world]
         if not prompts:
             return {}
-        k = int(self.cfg.eval_samples_per_prompt)
+        k = self.cfg.eval_samples_per_prompt
         sampled = self.sample(policy, prompts, k, seed=f"{self.seed}/eval/{self.rank}")
         return self._metrics(sampled)
 

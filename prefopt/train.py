@@ -14,45 +14,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import losses
-from prefopt.data import DataError
-from prefopt.errors import ConfigError
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (DataError, ConfigError, losses.LossError, FileNotFoundError)
-
-
-def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
-    """The config ``prefopt-train OVERRIDES`` would run (Hydra's compose API), for notebooks and tests."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    running = get_gh_backup()  # inside a Hydra app (a recipe driver): set its state aside, then restore it
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
-    finally:
-        restore_gh_from_backup(running)
+from prefopt.config import CONF_DIR, check_overrides, exit_on_user_error
+from prefopt.metrics import format_summary
+from prefopt.trainer import NonFiniteTraining, train
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from prefopt.trainer import NonFiniteTraining, format_summary, train
-
     logging.getLogger("prefopt").setLevel(logging.INFO)
     try:
-        summary = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
-    except USER_ERRORS as error:
-        print(f"prefopt-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        summary = exit_on_user_error("prefopt-train", lambda: train(cfg, run_dir=HydraConfig.get().runtime.output_dir))
     except NonFiniteTraining as error:
         print(f"prefopt-train: {error}", file=sys.stderr)
         sys.exit(3)
@@ -82,16 +58,7 @@ def _sweep_variants(arguments: list[str]) -> list[list[str]]:
 def cli() -> None:
     """Console entry point: config errors Hydra would report with exit code 1 (unknown group option or key, bad
     override syntax) print one line and exit 2, like every other user error; then run the Hydra app."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        for overrides in _sweep_variants(sys.argv[1:]):
-            compose_config(overrides)
-    except (HydraException, OmegaConfBaseException) as error:
-        message = " ".join(str(error).split("Config search path")[0].split())
-        print(f"prefopt-train: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    check_overrides("prefopt-train", _sweep_variants(sys.argv[1:]))
     main()
 
 

@@ -11,20 +11,18 @@ and regularisation caches).
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from prefopt import data as data_lib
-from prefopt import synthetic
 from prefopt.batching import collate
+from prefopt.cache import cache_key, cached, load_tensors, save_tensors
+from prefopt.data import synthetic
+from prefopt.data.tokenize import tokenize_pairs
 from prefopt.logps import sequence_logps
-from prefopt.reference import cache_key
 
 __all__ = ["warm_start", "sft_examples"]
 
@@ -35,7 +33,7 @@ def sft_examples(tokenizer, *, n_rows: int, seed: int, max_length: int, max_prom
     """Tokenized ``{prompt_ids, completion_ids}``: both completions of ``n_rows`` synthetic pairs (so the mix of
     sentiment is symmetric), tokenized by the same rules as preference data."""
     rows, _ = synthetic.make_preference_data(n_rows, 0, seed=seed)
-    pairs, _ = data_lib.tokenize_pairs(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    pairs, _ = tokenize_pairs(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
     return [
         {"prompt_ids": p["prompt_ids"], "completion_ids": p[key]}
         for p in pairs
@@ -52,24 +50,22 @@ def warm_start(
         return fingerprint
     settings = {k: sft_cfg[k] for k in sorted(sft_cfg)}
     key = cache_key("sft", fingerprint, settings, len(tokenizer))
+
+    def train() -> dict[str, torch.Tensor]:
+        examples = sft_examples(
+            tokenizer,
+            n_rows=int(settings["n_rows"]),
+            seed=int(settings["seed"]),
+            max_length=int(settings["max_length"]),
+            max_prompt_length=int(settings["max_prompt_length"]),
+        )
+        curve = _train(model, tokenizer.pad_token_id, examples, settings, device)
+        log.info("sft warm start: %d steps, token NLL %.3f -> %.3f", len(curve), curve[0], curve[-1])
+        return model.state_dict()
+
     path = Path(cache_dir) / "models" / f"sft-{key}.safetensors"
-    if path.exists():
-        model.load_state_dict(load_file(str(path), device=str(device)))
-        log.info("sft warm start: loaded %s", path)
-        return key
-    examples = sft_examples(
-        tokenizer,
-        n_rows=int(settings["n_rows"]),
-        seed=int(settings["seed"]),
-        max_length=int(settings["max_length"]),
-        max_prompt_length=int(settings["max_prompt_length"]),
-    )
-    loss_curve = _train(model, tokenizer.pad_token_id, examples, settings, device)
-    log.info("sft warm start: %d steps, token NLL %.3f -> %.3f", len(loss_curve), loss_curve[0], loss_curve[-1])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    weights = cached(path, train, save=save_tensors, load=lambda p: load_tensors(p, str(device)), what="sft warm start")
+    model.load_state_dict(weights)
     return key
 
 
@@ -83,7 +79,7 @@ def _train(model, pad_id: int, examples: list[dict], settings: Mapping[str, Any]
     model.train()
     curve = []
     for _ in range(steps):
-        batch = collate([], pad_id, extra=rng.sample(examples, min(batch_size, len(examples)))).to(device)
+        batch = collate(rng.sample(examples, min(batch_size, len(examples))), pad_id).to(device)
         logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
         loss = -logps.sum() / batch.lengths.sum()
         loss.backward()

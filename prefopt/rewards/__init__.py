@@ -21,8 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
+from prefopt.config import plain
 from prefopt.rewards.base import REWARDS, FunctionReward, Reward, TokenScores, register_reward
 from prefopt.rewards.classifier import ClassifierReward
 from prefopt.rewards.flesch import ReadabilityReward
@@ -96,24 +97,13 @@ def build_reward(cfg: RewardSpec) -> Reward:
         return get_reward(cfg)
     if not isinstance(cfg, (Mapping, DictConfig)):
         raise TypeError(f"a reward config must be a mapping, a registered name or a Reward, got {type(cfg).__name__}")
-    cfg = _plain(cfg)
+    cfg = plain(cfg, missing="raise")
     if "_target_" in cfg:
         return _instantiate(cfg)
     if "name" not in cfg:
         raise ValueError(f"a reward config needs `name` (one of {sorted(REWARDS)}) or `_target_`; got keys {list(cfg)}")
     name = cfg.pop("name")
     return get_reward(name, **cfg)
-
-
-def _plain(obj: Any) -> Any:
-    """``obj`` with every OmegaConf container resolved into plain dicts and lists (missing values raise)."""
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True, throw_on_missing=True)
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _instantiate(cfg: dict[str, Any]) -> Reward:

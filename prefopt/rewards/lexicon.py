@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from prefopt.data.synthetic import LEXICON
 from prefopt.rewards.base import (
     Reward,
     TokenScores,
@@ -20,7 +21,6 @@ from prefopt.rewards.base import (
     word_spans,
 )
 from prefopt.rewards.simple import lexicon_reward
-from prefopt.synthetic import LEXICON
 
 _WORD_RE = re.compile(r"[a-z0-9']+")  # the word pattern of prefopt.synthetic.words (on lowercase text)
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from prefopt.data.synthetic import LEXICON, words
 from prefopt.rewards.base import check_pairs
-from prefopt.synthetic import LEXICON, words
 
 
 def _check_lengths(prompts: Sequence[str], completions: Sequence[str]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import prefopt
-from prefopt import synthetic
+from prefopt.data import synthetic
 
 from .test_trainer import TINY, TINY_MODEL
 

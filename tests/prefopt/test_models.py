@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from prefopt import models
 from prefopt.models import build_model, build_tokenizer, model_fingerprint, resolve_dtype
-from prefopt.synthetic import corpus, make_preference_data
+from prefopt.data.synthetic import corpus, make_preference_data
 
 TINY = {
     "name": "tiny-llama",

@@ -12,7 +12,7 @@ import torch
 
 import prefopt
 from losses.alarm import alarm_reward
-from prefopt.errors import ConfigError
+from prefopt.config import ConfigError
 from prefopt.rewards.base import Reward, TokenScores
 from prefopt.scoring import AlarmScorer, RewardScorer, build_scorer
 

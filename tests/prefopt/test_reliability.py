@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import prefopt
 from prefopt import models as models_module
+from prefopt import checkpoint as checkpoint_module
+from prefopt import step as step_module
 from prefopt import trainer as trainer_module
 
 from .test_cli import cli
@@ -61,13 +63,13 @@ def test_partial_checkpoint_is_ignored_and_old_ones_pruned_after_the_new(tmp_pat
     partial = root / ".step-5.tmp"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"truncated")
-    found = trainer_module._checkpoints(root)
+    found = checkpoint_module.checkpoints(root)
     assert sorted(p.name for p in found) == ["step-3", "step-4"]
 
 
 def _nan_forward(monkeypatch, bad_calls):
     """Make the policy's forward return NaN log-probs on the given (0-based) training forward calls."""
-    real = trainer_module.sequence_logps
+    real = step_module.sequence_logps
     calls = {"n": 0}
 
     def forward(model, *args, **kwargs):
@@ -78,7 +80,7 @@ def _nan_forward(monkeypatch, bad_calls):
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "sequence_logps", forward)
+    monkeypatch.setattr(step_module, "sequence_logps", forward)
 
 
 def test_nonfinite_loss_skips_the_step_and_counts(tmp_path, monkeypatch, caplog):

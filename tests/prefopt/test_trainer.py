@@ -8,7 +8,7 @@ import pytest
 
 import losses
 import prefopt
-from prefopt import trainer as trainer_module
+from prefopt import reference as reference_module
 
 TINY_MODEL = [
     "model.vocab_size=256",
@@ -58,8 +58,8 @@ def test_reference_free_losses_build_no_reference(tmp_path, cache_dir, monkeypat
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference-free loss must not build or precompute a reference")
 
-    monkeypatch.setattr(trainer_module, "frozen_copy", forbidden)
-    monkeypatch.setattr(trainer_module, "precompute_reference_logps", forbidden)
+    monkeypatch.setattr(reference_module, "frozen_copy", forbidden)
+    monkeypatch.setattr(reference_module.Reference, "precomputed", forbidden)
     summary = run(tmp_path, cache_dir, f"loss={name}", "trainer.max_steps=2", "reference.mode=live")
     assert summary["reference_model"] is False
 

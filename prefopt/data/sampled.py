@@ -10,20 +10,20 @@ validation and tokenization.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import random
 from pathlib import Path
-from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from prefopt import synthetic
+from prefopt.cache import atomic_write, cache_key
+from prefopt.config import ConfigError
+from prefopt.data import synthetic
 from prefopt.generation import sample_completions
-from prefopt.reference import cache_key
 from prefopt.rewards import build_reward
+from prefopt.settings import DataSettings
 
 __all__ = ["materialize"]
 
@@ -35,18 +35,20 @@ def _prompts(items: list[str], count: int, rng: random.Random) -> list[str]:
 
 
 @torch.no_grad()
-def _pairs(policy, tokenizer, prompts: list[str], reward, cfg, seed: str, device) -> tuple[list[dict], int]:
+def _pairs(
+    policy, tokenizer, prompts: list[str], reward, cfg: DataSettings, seed: str, device
+) -> tuple[list[dict], int]:
     """Two samples per prompt, labelled by ``reward``; returns (rows, ties dropped)."""
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-int(cfg.max_prompt_length) :] for p in prompts]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-cfg.max_prompt_length :] for p in prompts]
     doubled = [ids for ids in prompt_ids for _ in range(2)]
     completions = sample_completions(
         policy,
         tokenizer,
         doubled,
-        max_new_tokens=int(cfg.max_new_tokens),
-        temperature=float(cfg.temperature),
-        top_p=float(cfg.top_p),
-        batch_size=int(cfg.generation_batch_size),
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        batch_size=cfg.generation_batch_size,
         seed=seed,
         device=device,
     )
@@ -64,50 +66,30 @@ def _pairs(policy, tokenizer, prompts: list[str], reward, cfg, seed: str, device
     return rows, ties
 
 
-def _write(rows: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    synthetic.write_jsonl(rows, tmp)
-    os.replace(tmp, path)
-
-
-def materialize(cfg, policy, tokenizer, *, fingerprint: str, cache_dir: Path, device) -> Any:
-    """Sample and label the pairs (or find them cached) and return the equivalent ``data=local`` config."""
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    key = cache_key("sampled", fingerprint, len(tokenizer), settings)
+def materialize(cfg: DataSettings, policy, tokenizer, *, fingerprint: str, cache_dir: Path, device) -> DataSettings:
+    """Sample and label the pairs (or find them cached) and return the equivalent ``data=local`` settings."""
+    key = cache_key("sampled", fingerprint, len(tokenizer), cfg.key())
     folder = Path(cache_dir).expanduser() / "sampled" / key
     train_path, eval_path = folder / "train.jsonl", folder / "eval.jsonl"
     if not (train_path.exists() and eval_path.exists()):
         folder.mkdir(parents=True, exist_ok=True)
         items = list(synthetic.ITEMS)
-        held_out = int(cfg.eval_items)
+        held_out = cfg.eval_items
         if not 0 < held_out < len(items):
-            raise ValueError(f"data.eval_items must lie in [1, {len(items) - 1}], got {held_out}")
-        rng = random.Random(int(cfg.seed))
+            raise ConfigError(f"data.eval_items must lie in [1, {len(items) - 1}], got {held_out}")
+        rng = random.Random(cfg.seed)
         rng.shuffle(items)
         train_items, eval_items = items[held_out:], items[:held_out]
         reward = build_reward(cfg.reward).to(device)
         stats = {}
         for split, split_items, count, path in (
-            ("train", train_items, int(cfg.n_train), train_path),
-            ("eval", eval_items, int(cfg.n_eval), eval_path),
+            ("train", train_items, cfg.n_train, train_path),
+            ("eval", eval_items, cfg.n_eval, eval_path),
         ):
             prompts = _prompts(split_items, count, rng)
             rows, ties = _pairs(policy, tokenizer, prompts, reward, cfg, f"{cfg.seed}/sampled/{split}", device)
-            _write(rows, path)
+            atomic_write(path, lambda tmp, rows=rows: synthetic.write_jsonl(rows, tmp))
             stats[split] = {"prompts": count, "pairs": len(rows), "ties_dropped": ties}
             log.info("sampled %s pairs: %d of %d prompts (%d ties dropped)", split, len(rows), count, ties)
         (folder / "stats.json").write_text(json.dumps({**stats, "eval_items": eval_items}, indent=2))
-    return OmegaConf.create(
-        {
-            "source": "local",
-            "path": str(train_path),
-            "eval_path": str(eval_path),
-            "eval_fraction": 0.05,
-            "seed": int(cfg.seed),
-            "max_length": int(cfg.max_length),
-            "max_prompt_length": int(cfg.max_prompt_length),
-            "on_bad_row": "error",
-            "max_train_rows": None,
-            "max_eval_rows": None,
-        }
-    )
+    return dataclasses.replace(cfg, source="local", path=str(train_path), eval_path=str(eval_path), on_bad_row="error")

@@ -9,17 +9,21 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from prefopt import dataset, models, synthetic
-from prefopt.dataset import data_cache_key, prepare_data, tokenizer_fingerprint
+from prefopt import models
+from prefopt.config import plain
+from prefopt.data import prepare as dataset
+from prefopt.data import synthetic
+from prefopt.data.prepare import data_cache_key, prepare_data, tokenizer_fingerprint
+from prefopt.settings import DataSettings
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
+CONF = Path(__file__).resolve().parents[3] / "conf" / "data"
 
 
-def data_cfg(name: str = "synthetic", **overrides):
-    base = {**OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")), "n_train": 24, "n_eval": 6}
+def data_cfg(name: str = "synthetic", **overrides) -> DataSettings:
+    base = {**plain(OmegaConf.load(CONF / f"{name}.yaml")), "n_train": 24, "n_eval": 6}
     if name == "local":
-        base = OmegaConf.to_container(OmegaConf.load(CONF / "local.yaml"))
-    return OmegaConf.create({**base, "max_length": 40, "max_prompt_length": 12, **overrides})
+        base = plain(OmegaConf.load(CONF / "local.yaml"))
+    return DataSettings.from_mapping({**base, "max_length": 40, "max_prompt_length": 12, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +128,7 @@ def test_a_changed_local_file_misses(tmp_path, tokenizer, loads):
 
 
 def test_hub_sources_are_not_cached(tokenizer):
-    assert data_cache_key(OmegaConf.create({"source": "hub", "name": "x"}), tokenizer) is None
+    assert data_cache_key(DataSettings.from_mapping({"source": "hub", "name": "x"}), tokenizer) is None
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_a_token_id", "garbage", "empty", "other_key"])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from prefopt import synthetic
-from prefopt.synthetic import LEXICON, corpus, gold_reward, make_preference_data, write_jsonl
+from prefopt.data import synthetic
+from prefopt.data.synthetic import LEXICON, corpus, gold_reward, make_preference_data, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -11,22 +11,21 @@ not cached (the same name can change upstream; ``datasets`` caches the download 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from prefopt import data as data_lib
-from prefopt import synthetic
-from prefopt.errors import ConfigError
+from prefopt.cache import cached, digest
+from prefopt.config import ConfigError
+from prefopt.data import synthetic
+from prefopt.data.loading import load_hub_pairs, load_pairs
+from prefopt.data.tokenize import tokenize_pairs
+from prefopt.settings import DataSettings
 
 __all__ = ["PreparedData", "prepare_data", "load_standard_rows", "data_cache_key", "tokenizer_fingerprint"]
 
@@ -50,25 +49,25 @@ def _split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], li
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
-def load_standard_rows(cfg, tokenizer) -> tuple[list[dict], list[dict], dict]:
+def load_standard_rows(cfg: DataSettings, tokenizer) -> tuple[list[dict], list[dict], dict]:
     """(train rows, eval rows, stats) as standard ``prompt``/``chosen``/``rejected`` strings."""
     source = cfg.source
     if source == "synthetic":
         train, evaluation = synthetic.make_preference_data(cfg.n_train, cfg.n_eval, seed=cfg.seed)
         return train, evaluation, {"source": "synthetic", "rows": len(train) + len(evaluation)}
     if source == "local":
-        if not cfg.get("path"):
+        if not cfg.path:
             raise ConfigError("data=local needs data.path=FILE (jsonl, json, parquet or csv)")
-        train, stats = data_lib.load_pairs(cfg.path, tokenizer=tokenizer, on_bad_row=cfg.on_bad_row)
-        if cfg.get("eval_path"):
-            evaluation, eval_stats = data_lib.load_pairs(cfg.eval_path, tokenizer=tokenizer, on_bad_row=cfg.on_bad_row)
+        train, stats = load_pairs(cfg.path, tokenizer=tokenizer, on_bad_row=cfg.on_bad_row)
+        if cfg.eval_path:
+            evaluation, eval_stats = load_pairs(cfg.eval_path, tokenizer=tokenizer, on_bad_row=cfg.on_bad_row)
             stats = {"train": stats, "eval": eval_stats}
         else:
             train, evaluation = _split(train, cfg.eval_fraction, cfg.seed)
         return train, evaluation, stats
     if source == "hub":
-        train = data_lib.load_hub_pairs(cfg.name, cfg.train_split, tokenizer=tokenizer, on_bad_row=cfg.on_bad_row)
-        evaluation = data_lib.load_hub_pairs(cfg.name, cfg.eval_split, tokenizer=tokenizer, on_bad_row=cfg.on_bad_row)
+        train = load_hub_pairs(cfg.name, cfg.train_split, tokenizer=tokenizer, on_bad_row=cfg.on_bad_row)
+        evaluation = load_hub_pairs(cfg.name, cfg.eval_split, tokenizer=tokenizer, on_bad_row=cfg.on_bad_row)
         return train[0], evaluation[0], {"train": train[1], "eval": evaluation[1]}
     raise ConfigError(f"data.source must be synthetic, local or hub, got {source!r}")
 
@@ -77,29 +76,31 @@ def _limit(rows: list[dict], limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def prepare_data(cfg, tokenizer, cache_dir: str | Path | None = None) -> PreparedData:
+def prepare_data(cfg: DataSettings, tokenizer, cache_dir: str | Path | None = None) -> PreparedData:
     """Load, convert, validate and tokenize; rows left with an empty completion are dropped and counted.
 
     With ``cache_dir``, the result is read from / written to ``cache_dir/data/<key>.json`` (see the module
     docstring); without it nothing is cached."""
     key = data_cache_key(cfg, tokenizer) if cache_dir is not None else None
-    path = Path(cache_dir).expanduser() / "data" / f"{key}.json" if key else None
-    if path is not None:
-        cached = _read_cache(path, key)
-        if cached is not None:
-            return cached
-    prepared = _prepare(cfg, tokenizer)
-    if path is not None:
-        _write_cache(path, key, prepared)
-    return prepared
+    if key is None:
+        return _prepare(cfg, tokenizer)
+    path = Path(cache_dir).expanduser() / "data" / f"{key}.json"
+    return cached(
+        path,
+        lambda: _prepare(cfg, tokenizer),
+        save=lambda prepared, tmp: _write_cache(tmp, key, prepared),
+        load=lambda file: _read_cache(file, key),
+        what="data",
+        logger=log,
+    )
 
 
-def _prepare(cfg, tokenizer) -> PreparedData:
+def _prepare(cfg: DataSettings, tokenizer) -> PreparedData:
     train_rows, eval_rows, load_stats = load_standard_rows(cfg, tokenizer)
-    train_rows, eval_rows = _limit(train_rows, cfg.get("max_train_rows")), _limit(eval_rows, cfg.get("max_eval_rows"))
+    train_rows, eval_rows = _limit(train_rows, cfg.max_train_rows), _limit(eval_rows, cfg.max_eval_rows)
     lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
-    train, train_stats = data_lib.tokenize_pairs(train_rows, tokenizer, **lengths)
-    evaluation, eval_stats = data_lib.tokenize_pairs(eval_rows, tokenizer, **lengths)
+    train, train_stats = tokenize_pairs(train_rows, tokenizer, **lengths)
+    evaluation, eval_stats = tokenize_pairs(eval_rows, tokenizer, **lengths)
     if not train:
         raise ConfigError("no training pairs left after tokenization (check data.max_length / max_prompt_length)")
     digest = hashlib.sha256()
@@ -112,12 +113,12 @@ def _prepare(cfg, tokenizer) -> PreparedData:
 
 # ------------------------------------------------------------------------------------------------------ the cache
 CACHE_FORMAT = "prefopt-data-v1"  # bump when the cached layout changes
-_PIPELINE_FILES = ("dataset.py", "synthetic.py", "data/formats.py", "data/loading.py", "data/tokenize.py")
+_PIPELINE_FILES = ("prepare.py", "synthetic.py", "formats.py", "loading.py", "tokenize.py")
 _pipeline_sha: str | None = None
 
 
 def _sha(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return digest(payload)
 
 
 def _pipeline_fingerprint() -> str:
@@ -158,12 +159,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _sha(payload)[:16]
 
 
-def _plain(cfg) -> Any:
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return {str(k): _plain(v) for k, v in cfg.items()} if isinstance(cfg, Mapping) else cfg
-
-
 def _file_stat(path: Any) -> list[Any] | None:
     """(resolved path, size, mtime in ns) of a local data file, or None when it does not exist (then loading raises
     the usual error and nothing is cached)."""
@@ -176,60 +171,44 @@ def _file_stat(path: Any) -> list[Any] | None:
     return [str(file), stat.st_size, stat.st_mtime_ns]
 
 
-def data_cache_key(cfg, tokenizer) -> str | None:
+def data_cache_key(cfg: DataSettings, tokenizer) -> str | None:
     """The cache key of ``prepare_data(cfg, tokenizer)``, or None when the source is not cached (hub data sets)."""
-    source = cfg.get("source")
+    source = cfg.source
     if source not in ("synthetic", "local"):
         return None
-    files = [_file_stat(cfg.get("path")), _file_stat(cfg.get("eval_path"))] if source == "local" else []
-    payload = [CACHE_FORMAT, _plain(cfg), tokenizer_fingerprint(tokenizer), _pipeline_fingerprint(), files]
+    files = [_file_stat(cfg.path), _file_stat(cfg.eval_path)] if source == "local" else []
+    payload = [CACHE_FORMAT, cfg.key(), tokenizer_fingerprint(tokenizer), _pipeline_fingerprint(), files]
     return _sha(payload)[:24]
 
 
-def _read_cache(path: Path, key: str) -> PreparedData | None:
-    """The cached data at ``path``, or None when absent; a file that fails any check is reported and ignored."""
-    if not path.exists():
-        return None
-    try:
-        header_line, _, body = path.read_bytes().partition(b"\n")
-        header = json.loads(header_line)
-        if header.get("format") != CACHE_FORMAT or header.get("key") != key:
-            raise ValueError("its header does not match")
-        if hashlib.sha256(body).hexdigest() != header.get("sha256"):
-            raise ValueError("checksum mismatch")
-        payload = json.loads(body)
-        train, evaluation = payload["train"], payload["eval"]
-        for example in train + evaluation:
-            if not all(isinstance(example[k], list) for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
-                raise ValueError("an example has no token ids")
-        prepared = PreparedData(train, evaluation, str(payload["fingerprint"]), payload["stats"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        log.warning("data cache %s is unusable (%s); rebuilding it", path, error)
-        return None
+def _read_cache(path: Path, key: str) -> PreparedData:
+    """The cached data at ``path``; raises ValueError when the file fails any check (then it is rebuilt)."""
+    header_line, _, body = path.read_bytes().partition(b"\n")
+    header = json.loads(header_line)
+    if header.get("format") != CACHE_FORMAT or header.get("key") != key:
+        raise ValueError("its header does not match")
+    if hashlib.sha256(body).hexdigest() != header.get("sha256"):
+        raise ValueError("checksum mismatch")
+    payload = json.loads(body)
+    train, evaluation = payload["train"], payload["eval"]
+    for example in train + evaluation:
+        if not all(isinstance(example[k], list) for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
+            raise ValueError("an example has no token ids")
+    prepared = PreparedData(train, evaluation, str(payload["fingerprint"]), payload["stats"])
     log.info("data: %d train pairs, %d eval pairs (cached: %s)", len(train), len(evaluation), path)
     _replay_warnings(prepared.stats)
     return prepared
 
 
 def _write_cache(path: Path, key: str, prepared: PreparedData) -> None:
-    """Write atomically: a temporary file next to ``path``, renamed over it when complete."""
+    """The header line (format, key, checksum of the body), then the body: JSON of the tokenized pairs."""
     payload = {"train": prepared.train, "eval": prepared.eval, "fingerprint": prepared.fingerprint}
     try:
         body = json.dumps({**payload, "stats": prepared.stats}, allow_nan=True).encode("utf-8")
     except (TypeError, ValueError) as error:  # a field of the data that JSON cannot hold
-        log.warning("data not cached: %s", error)
-        return
+        raise OSError(f"a field cannot be stored as JSON ({error})") from None
     header = json.dumps({"format": CACHE_FORMAT, "key": key, "sha256": hashlib.sha256(body).hexdigest()})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("wb") as handle:
-            handle.write(header.encode("utf-8") + b"\n" + body)
-        os.replace(tmp, path)
-    except OSError as error:  # a read-only or full cache dir costs the cache, not the run
-        log.warning("data not cached at %s: %s", path, error)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    path.write_bytes(header.encode("utf-8") + b"\n" + body)
 
 
 def _counts(stats: Any, name: str) -> int:

@@ -1,0 +1,364 @@
+"""Config -> a ready :class:`Run`: the only module that reads a composed Hydra config.
+
+:func:`read_settings` turns the config into typed, validated :class:`Settings` once; :func:`build` makes the parts
+from them — accelerator, tokenizer, policy (warm-started), data, the one :class:`~prefopt.reference.Reference`,
+the providers the loss's declaration calls for (:func:`prefopt.providers.plan`), the batch source, the step, the
+evaluation, optimizer and scheduler. The loop (:mod:`prefopt.trainer`) only runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+import losses
+from prefopt import models
+from prefopt.cache import cache_key
+from prefopt.config import ConfigError, plain
+from prefopt.data.prepare import PreparedData, prepare_data
+from prefopt.data.sampled import materialize
+from prefopt.data.synthetic import default_corpus
+from prefopt.metrics import reduce_mean
+from prefopt.providers import PROVIDERS, ProviderContext, plan
+from prefopt.reference import Reference
+from prefopt.scoring import build_scorer
+from prefopt.selection import format_table, select
+from prefopt.settings import (
+    DataSettings,
+    ReferenceSettings,
+    RegularizationSettings,
+    TrainerSettings,
+)
+from prefopt.sources import OfflineSource, OnlineSource, unique_prompts
+from prefopt.step import LAYOUTS, Step, evaluate_loss
+from prefopt.warm_start import warm_start
+
+__all__ = ["Settings", "Run", "read_settings", "build", "build_loss", "build_policy"]
+
+log = logging.getLogger("prefopt")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A whole run, typed. ``model`` and ``reward`` stay mappings: their schema is open (a hub model's own
+    fields, a reward's ``_target_``)."""
+
+    loss: dict[str, Any]  # name + hyper-parameters
+    model: dict[str, Any]
+    data: DataSettings
+    trainer: TrainerSettings
+    reference: ReferenceSettings
+    regularization: RegularizationSettings
+    reward: dict[str, Any] | None
+    aux_rewards: tuple[str, ...]
+    cache_dir: Path
+    resolved: dict[str, Any] = field(repr=False)  # the whole config, for config.yaml
+
+
+def read_settings(cfg: Any) -> Settings:
+    """Typed settings from a composed config (a DictConfig or a plain mapping); one line per bad value."""
+    resolved = plain(cfg)
+    return Settings(
+        loss=dict(resolved["loss"]),
+        model=dict(resolved["model"]),
+        data=DataSettings.from_mapping(resolved["data"]),
+        trainer=TrainerSettings.from_mapping(resolved["trainer"]),
+        reference=ReferenceSettings.from_mapping(resolved.get("reference")),
+        regularization=RegularizationSettings.from_mapping(resolved.get("regularization")),
+        reward=resolved.get("reward"),
+        aux_rewards=tuple(resolved.get("aux_rewards") or ()),
+        cache_dir=Path(str(resolved.get("cache_dir") or "~/.cache/prefopt")).expanduser(),
+        resolved=resolved,
+    )
+
+
+def build_loss(loss: dict[str, Any]) -> losses.BoundLoss:
+    """The registered loss ``loss["name"]`` bound to the other keys (its hyper-parameters)."""
+    hparams = dict(loss)
+    return losses.get(hparams.pop("name"), **hparams)
+
+
+@dataclass
+class Policy:
+    """The starting point of a run: tokenizer, warm-started policy, data and the fingerprint of the weights."""
+
+    tokenizer: Any
+    model: torch.nn.Module
+    data: PreparedData
+    fingerprint: str
+
+
+def build_policy(settings: Settings, device: torch.device) -> Policy:
+    """Tokenizer, policy (built, moved, warm-started) and data; ``data=sampled`` pairs are sampled from the
+    warm-started policy, any other data is prepared first so a bad data path fails before the warm start."""
+    cache_dir = settings.cache_dir
+    tokenizer = models.build_tokenizer(settings.model, cache_dir, corpus=default_corpus)
+    policy = models.build_model(settings.model, tokenizer).to(device)
+    fingerprint = models.model_fingerprint(settings.model, policy)
+    sampled = settings.data.source == "sampled"
+    data = None if sampled else prepare_data(settings.data, tokenizer, cache_dir=cache_dir)
+    fingerprint = warm_start(
+        policy, tokenizer, settings.model.get("sft"), fingerprint=fingerprint, cache_dir=cache_dir, device=device
+    )
+    if sampled:
+        local = materialize(
+            settings.data, policy, tokenizer, fingerprint=fingerprint, cache_dir=cache_dir, device=device
+        )
+        data = prepare_data(local, tokenizer, cache_dir=cache_dir)
+    return Policy(tokenizer, policy, data, fingerprint)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built."""
+
+    settings: Settings
+    run_dir: Path
+    accelerator: Accelerator
+    loss_fn: losses.BoundLoss
+    tokenizer: Any
+    policy: torch.nn.Module
+    data: PreparedData
+    reference: Reference | None
+    providers: list  # [Provider], in forward order
+    source: Any  # OfflineSource | OnlineSource
+    step: Step
+    evaluate: Callable[[torch.nn.Module, int], dict[str, float]]  # (policy, step) -> eval metrics, all processes
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    summary: dict[str, Any]
+
+
+def build(cfg: Any, run_dir: str | Path) -> Run:
+    """Read the settings and build every part of the run (see the module docstring)."""
+    settings = cfg if isinstance(cfg, Settings) else read_settings(cfg)
+    tcfg = settings.trainer
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loss_fn = build_loss(settings.loss)
+    kind, online = loss_fn.requirements.kind, tcfg.source == "online"
+    if kind not in LAYOUTS:
+        raise ConfigError(f"loss '{loss_fn.name}' is of kind {kind!r}, which no step trains")
+    if kind == "group" and not online:
+        raise ConfigError(
+            f"loss '{loss_fn.name}' is a group loss (k sampled completions per prompt); train it with trainer=online"
+        )
+    layout = LAYOUTS[kind]()
+    required, optional = plan(loss_fn, layout.names)  # fails before anything is built
+
+    micro = tcfg.micro_batch_size
+    accelerator = Accelerator(  # the scheduler steps once per optimizer step, not once per process
+        mixed_precision=tcfg.mixed_precision,
+        cpu=tcfg.cpu,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,
+    )
+    world, device = accelerator.num_processes, accelerator.device
+    if tcfg.batch_size % (micro * world):
+        raise ConfigError(
+            f"trainer.batch_size={tcfg.batch_size} must be a multiple of micro_batch_size={micro} x {world} process(es)"
+        )
+    set_seed(tcfg.seed)
+    start = build_policy(settings, device)
+    policy, tokenizer, data = start.model, start.tokenizer, start.data
+
+    reference = _reference(settings, loss_fn, start, device, needs_model=online or tcfg.sample_eval)
+    ctx = ProviderContext(
+        kind=kind,
+        online=online,
+        policy=policy,
+        tokenizer=tokenizer,
+        data=data,
+        reference=reference,
+        device=device,
+        seed=tcfg.seed,
+        cache_dir=settings.cache_dir,
+        fingerprint=start.fingerprint,
+        settings=settings,
+        buckets=tcfg.buckets,
+    )
+    providers = [factory.build(ctx) for factory in required + [f for f in optional if f.when_optional(ctx)]]
+    observers = [p.on_sample for p in providers if p.on_sample is not None]
+    sampler = None
+    if online or tcfg.sample_eval:
+        sampler = _sampler(settings, tokenizer, data, reference, kind, accelerator, run_dir, observers)
+    if online:
+        source = sampler
+    else:
+        source = OfflineSource(
+            data.train,
+            batch_size=tcfg.batch_size,
+            micro_batch_size=micro,
+            rank=accelerator.process_index,
+            world=world,
+            seed=tcfg.seed,
+        )
+    _performance_settings(tcfg, policy, device)
+    optimizer = _optimizer(tcfg, policy)
+    scheduler = get_scheduler(
+        tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.max_steps
+    )
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    step = Step(loss_fn, layout, providers, pad_id=tokenizer.pad_token_id, buckets=tcfg.buckets, device=device)
+
+    def evaluate(model: torch.nn.Module, at: int) -> dict[str, float]:
+        metrics = {}
+        if not online and data.eval:
+            averager = evaluate_loss(
+                model, step, data.eval, micro=micro, rank=accelerator.process_index, world=world, step=at
+            )
+            metrics = reduce_mean(accelerator, averager.mean())
+        if sampler is not None:
+            metrics.update(reduce_mean(accelerator, sampler.evaluate(accelerator.unwrap_model(model))))
+        return metrics
+
+    uses_reference = any(type(p).__name__ == "ReferenceInputs" for p in providers)
+    summary: dict[str, Any] = {
+        "loss_name": loss_fn.name,
+        "source": tcfg.source,
+        "reference_model": bool(uses_reference and not online and reference is not None and reference.is_live),
+    }
+    if online:
+        summary.update(
+            train_prompts=len(source.prompts),
+            eval_prompts=len(source.eval_prompts),
+            reward=(settings.reward or {}).get("name"),
+        )
+    else:
+        summary.update(train_pairs=len(data.train), eval_pairs=len(data.eval))
+    log.info(
+        "loss %s (%s): source=%s reference=%s providers=%s",
+        loss_fn.name,
+        kind,
+        tcfg.source,
+        "none" if reference is None else ("table" if reference.table else "live"),
+        [name for name, f in PROVIDERS.items() if f in required or (f in optional and f.when_optional(ctx))],
+    )
+    return Run(
+        settings,
+        run_dir,
+        accelerator,
+        loss_fn,
+        tokenizer,
+        policy,
+        data,
+        reference,
+        providers,
+        source,
+        step,
+        evaluate,
+        optimizer,
+        scheduler,
+        summary,
+    )
+
+
+def _reference(
+    settings: Settings, loss_fn: losses.BoundLoss, start: Policy, device, *, needs_model: bool
+) -> Reference | None:
+    """The run's one reference: precomputed (a table, plus a frozen copy when sampling needs one), live, or none
+    (a reference-free loss that samples nothing)."""
+    pad_id = start.tokenizer.pad_token_id
+    if not loss_fn.requirements.needs_reference:
+        return Reference.live(start.model, pad_id=pad_id, device=device) if needs_model else None
+    if settings.reference.mode == "live" or settings.trainer.source == "online":
+        return Reference.live(start.model, pad_id=pad_id, device=device)
+    splits = []
+    for split, examples in (("train", start.data.train), ("eval", start.data.eval)):
+        key = cache_key("ref", start.fingerprint, start.data.fingerprint, split)
+        splits.append((examples, settings.cache_dir / "reference" / f"{key}.safetensors"))
+    return Reference.precomputed(
+        start.model,
+        splits,
+        pad_id=pad_id,
+        batch_size=2 * settings.trainer.micro_batch_size,
+        device=device,
+        keep_model=needs_model,
+    )
+
+
+def _sampler(
+    settings: Settings, tokenizer, data, reference: Reference, kind: str, accelerator, run_dir: Path, observers
+) -> OnlineSource:
+    """An :class:`OnlineSource` over the data's prompts, scored by ``reward``: the batch source of online runs and
+    the sampling evaluator of ``trainer.sample_eval``. Before training, ``reward.select: auto`` runs ALaRM's
+    aspect selection on reference samples (``reward_selection.json``) and the scorer's statistics (ALaRM's
+    z-normalisation) are estimated on reference samples (``reward_stats.json``); a resumed run reloads both."""
+    tcfg = settings.trainer
+    if not settings.reward:
+        raise ConfigError("sampling needs a reward: add reward=NAME (conf/reward/)")
+    scorer = build_scorer(settings.reward).to(accelerator.device)
+    source = OnlineSource(
+        unique_prompts(data.train),
+        unique_prompts(data.eval),
+        tokenizer=tokenizer,
+        scorer=scorer,
+        reference=reference,
+        kind=kind,
+        settings=tcfg.online,
+        batch_size=tcfg.batch_size,
+        micro_batch_size=tcfg.micro_batch_size,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        seed=tcfg.seed,
+        device=accelerator.device,
+        observers=observers,
+    )
+    stats_path, selection_path = run_dir / "reward_stats.json", run_dir / "reward_selection.json"
+    resuming = tcfg.resume is not None
+    if settings.reward.get("select", "none") == "auto":
+        if resuming and selection_path.exists():
+            result = json.loads(selection_path.read_text())
+        else:
+            result = select(settings.reward, source, reference.model, scorer)
+            if accelerator.is_main_process:
+                selection_path.write_text(json.dumps(result, indent=2))
+            log.info("reward selection:\n%s", format_table(result))
+        scorer.set_weights(result["weights"])
+    if resuming and stats_path.exists():
+        scorer.load_stats(json.loads(stats_path.read_text()))
+        return source
+    stats = source.fit_scorer(reference.model)
+    if accelerator.is_main_process and stats:
+        stats_path.write_text(json.dumps(stats, indent=2))
+    return source
+
+
+def _performance_settings(tcfg: TrainerSettings, policy, device: torch.device) -> None:
+    """``trainer.flush_denormal``: on a CPU, flush fp32 denormals to zero. Saturated sigmoids (MPO's σ(ΔS) on summed
+    log-probs, DPO late in training) give gradients around 1e-40, and arithmetic on denormals is 10-100x slower on
+    x86: single steps took 3-10x their median before this. ``trainer.gradient_checkpointing``: recompute each
+    decoder layer in backward (less activation memory, ~1/3 more compute)."""
+    if device.type == "cpu" and tcfg.flush_denormal and not torch.set_flush_denormal(True):
+        log.info("trainer.flush_denormal: this CPU cannot flush denormals (no SSE3); left as is")
+    if tcfg.gradient_checkpointing:
+        if not getattr(policy, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"trainer.gradient_checkpointing: {type(policy).__name__} does not support it")
+        kwargs = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _optimizer(tcfg: TrainerSettings, model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tcfg.optimizer == "adamw":
+        # fused: one kernel per parameter group instead of a dozen per tensor (torch's CPU and CUDA fused AdamW)
+        fused = tcfg.fused_optimizer and all(
+            p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params
+        )
+        return torch.optim.AdamW(
+            params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.adam_betas), fused=fused or None
+        )
+    return torch.optim.RMSprop(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)

@@ -1,0 +1,329 @@
+"""Providers: everything a loss takes beyond the policy's own log-probs comes from one.
+
+A loss declares its inputs (``losses.get(name).requirements``). The step's layout (:mod:`prefopt.step`) supplies the
+policy log-probs and lengths of the rows it forwards (``policy_chosen_logps`` ... for pairs, ``policy_logps`` ... for
+groups). Every other input is supplied by a provider, chosen by :func:`plan` from the names the loss declares:
+
+* ``reference`` — ``ref_chosen_logps`` / ``ref_rejected_logps`` (pairs) or ``ref_logps`` (groups), from the run's
+  :class:`~prefopt.reference.Reference` (precomputed table, online memo, or live model);
+* ``regularization`` — MPO's samples from the reference policy: adds its rows to the policy forward and supplies
+  ``reg_logps``, ``reg_lengths``, ``reg_ref_logps``;
+* ``aux_rewards`` — UPO's auxiliary rewards ``aux_rewards_chosen`` / ``aux_rewards_rejected`` (``aux_rewards``
+  reward functions, z-normalised over the data, or over each draw of samples online).
+
+Adding a loss with a new input is the loss plus, at most, one provider registered with :func:`register_provider`;
+the trainer and the step stay as they are. A provider implements what it needs of :class:`Provider`:
+``sequences`` (rows to add to the policy forward), ``inputs`` (the named tensors for one micro-batch) and
+``on_sample`` (online: called with every draw of samples).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import losses
+from prefopt import rewards
+from prefopt.cache import cache_key, cached, load_tensors, save_tensors, sequence_key
+from prefopt.config import ConfigError
+from prefopt.generation import sample_completions
+from prefopt.reference import Reference, logps_of
+
+__all__ = [
+    "MicroBatch",
+    "Provider",
+    "Own",
+    "ProviderContext",
+    "ProviderFactory",
+    "PROVIDERS",
+    "register_provider",
+    "plan",
+    "ReferenceInputs",
+    "RegularizationPool",
+    "AuxRewards",
+]
+
+log = logging.getLogger("prefopt")
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as providers see it."""
+
+    items: list[dict]  # pairs or groups, as the batch source gives them
+    rows: list[dict]  # the layout's sequences ({prompt_ids, completion_ids}) in forward order
+    step: int  # the optimizer step being taken (0-based)
+    index: int  # micro-batch index within the step; negative in evaluation
+    layout: Any  # prefopt.step.PairLayout | GroupLayout: names per-row values
+    device: torch.device
+
+
+@dataclass
+class Own:
+    """A provider's own rows of a forward (from :meth:`Provider.sequences`) and the policy's values on them."""
+
+    rows: list[dict]
+    logps: Tensor  # [R] summed log-probs
+    lengths: Tensor  # [R] completion tokens
+
+
+class Provider:
+    """Supplies named loss inputs for each micro-batch (see the module docstring)."""
+
+    names: tuple[str, ...] = ()  # the inputs it supplies
+    on_sample: Callable[[dict], None] | None = None  # online: every draw of samples (texts, ids, log-probs)
+
+    def sequences(self, micro: MicroBatch) -> list[dict]:
+        """Rows to add to the policy forward of this micro-batch (none by default)."""
+        return []
+
+    def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
+        """The inputs for ``micro``; ``own`` holds this provider's rows of the forward with the policy's values."""
+        raise NotImplementedError
+
+
+@dataclass
+class ProviderContext:
+    """What a provider may be built from (assembled by :mod:`prefopt.build`)."""
+
+    kind: str  # "pair" | "group"
+    online: bool  # samples from the policy (trainer=online)
+    policy: torch.nn.Module  # the initial policy (before training)
+    tokenizer: Any
+    data: Any  # prefopt.data.PreparedData
+    reference: Reference | None
+    device: torch.device
+    seed: int
+    cache_dir: Path
+    fingerprint: str  # of the initial weights
+    settings: Any  # prefopt.build.Settings
+    buckets: bool | int = True
+
+
+@dataclass(frozen=True)
+class ProviderFactory:
+    name: str
+    supplies: Callable[[str], tuple[str, ...]]  # kind -> input names
+    build: Callable[[ProviderContext], Provider]
+    when_optional: Callable[[ProviderContext], bool] = lambda ctx: False  # build it for optional inputs only?
+
+
+PROVIDERS: dict[str, ProviderFactory] = {}
+
+
+def register_provider(
+    name: str,
+    supplies: Sequence[str] | Callable[[str], tuple[str, ...]],
+    *,
+    when_optional: Callable[[ProviderContext], bool] | None = None,
+) -> Callable[[Callable[[ProviderContext], Provider]], Callable[[ProviderContext], Provider]]:
+    """Register a provider builder ``build(ctx) -> Provider`` under ``name``, supplying the input names
+    ``supplies`` (or ``supplies(kind)``). Registering a name again replaces it."""
+    names = supplies if callable(supplies) else (lambda kind, fixed=tuple(supplies): fixed)
+
+    def decorate(build: Callable[[ProviderContext], Provider]) -> Callable[[ProviderContext], Provider]:
+        PROVIDERS[name] = ProviderFactory(name, names, build, when_optional or (lambda ctx: False))
+        return build
+
+    return decorate
+
+
+def plan(loss: losses.BoundLoss, layout_names: Sequence[str]) -> tuple[list[ProviderFactory], list[ProviderFactory]]:
+    """(providers for required inputs, providers for optional inputs only) of ``loss``; one ConfigError line names
+    any required input no provider supplies."""
+    req = loss.requirements
+    required = [n for n in req.inputs if n not in layout_names]
+    optional = [n for n in req.optional_inputs if n not in layout_names]
+    chosen, covered = [], set()
+    for factory in PROVIDERS.values():
+        names = set(factory.supplies(req.kind))
+        if names & (set(required) - covered):
+            chosen.append(factory)
+            covered |= names
+    missing = [n for n in required if n not in covered]
+    if missing:
+        raise ConfigError(
+            f"loss '{loss.name}' needs input(s) {', '.join(missing)}, which no provider supplies "
+            f"(providers: {', '.join(sorted(PROVIDERS)) or 'none'})"
+        )
+    extra = [f for f in PROVIDERS.values() if f not in chosen and set(f.supplies(req.kind)) & (set(optional) - covered)]
+    return chosen, extra
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+class ReferenceInputs(Provider):
+    """Reference log-probs of the layout's rows from the run's :class:`Reference`."""
+
+    def __init__(self, reference: Reference, kind: str, buckets: bool | int):
+        self.reference, self.buckets = reference, buckets
+        self.names = _reference_names(kind)
+
+    def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
+        with torch.no_grad():
+            values = self.reference.logps(micro.rows, buckets=self.buckets)
+        return micro.layout.named(values.to(micro.device), self.names, len(micro.items))
+
+
+def _reference_names(kind: str) -> tuple[str, ...]:
+    return ("ref_logps",) if kind == "group" else ("ref_chosen_logps", "ref_rejected_logps")
+
+
+@register_provider("reference", _reference_names, when_optional=lambda ctx: ctx.reference is not None)
+def _reference(ctx: ProviderContext) -> Provider:
+    if ctx.reference is None:
+        raise ConfigError("this loss needs a reference, but the run built none")
+    return ReferenceInputs(ctx.reference, ctx.kind, ctx.buckets)
+
+
+# ----------------------------------------------------------------------------------------------- regularisation
+class RegularizationPool(Provider):
+    """MPO's regularisation data: completions sampled from the reference policy before training, with their
+    reference log-probs; each micro-batch adds ``batch_ratio`` of them per pair to the policy forward, drawn as a
+    pure function of (seed, step, micro-batch) so a resumed run draws the same ones."""
+
+    names = ("reg_logps", "reg_lengths", "reg_ref_logps")
+
+    def __init__(self, pool: list[dict], ratio: float, seed: int):
+        if not pool:
+            raise ConfigError("no regularisation samples were generated (every sample was empty)")
+        self.pool, self.ratio, self.seed = pool, ratio, seed
+
+    def sequences(self, micro: MicroBatch) -> list[dict]:
+        count = max(1, round(self.ratio * len(micro.items)))
+        rng = random.Random(f"{self.seed}/{micro.step}/{micro.index}")
+        return [self.pool[rng.randrange(len(self.pool))] for _ in range(count)]
+
+    def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
+        reference = torch.tensor([s["ref_logps"] for s in own.rows], device=own.logps.device)
+        return {"reg_logps": own.logps, "reg_lengths": own.lengths, "reg_ref_logps": reference}
+
+
+@torch.no_grad()
+def generate_pool(ctx: ProviderContext) -> list[dict]:
+    """Completions sampled from the reference (the initial policy) for each distinct train prompt, with their
+    reference log-probs; cached under ``cache_dir/regularization``. Generation is left-padded and seeded."""
+    settings = ctx.settings.regularization
+    key = cache_key("reg", ctx.fingerprint, ctx.data.fingerprint, settings.key(), ctx.seed)
+    model, tokenizer = ctx.policy, ctx.tokenizer
+
+    def build() -> list[dict]:
+        prompts = [e["prompt_ids"] for e in ctx.data.train]
+        unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)] * settings.samples_per_prompt
+        completions = sample_completions(
+            model,
+            tokenizer,
+            unique,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            batch_size=settings.batch_size,
+            seed=ctx.seed,
+            device=ctx.device,
+        )
+        samples = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(unique, completions, strict=True) if c]
+        values = logps_of(model, samples, tokenizer.pad_token_id, settings.batch_size, ctx.device)
+        for sample, value in zip(samples, values.tolist(), strict=True):
+            sample["ref_logps"] = value
+        return samples
+
+    def save(samples: list[dict], path: Path) -> None:
+        save_tensors(_pack(samples), path)
+
+    path = ctx.cache_dir / "regularization" / f"{key}.safetensors"
+    return cached(path, build, save=save, load=lambda p: _unpack(load_tensors(p)), what="regularisation samples")
+
+
+def _pack(samples: list[dict]) -> dict[str, Tensor]:
+    lengths = lambda key: torch.tensor([len(s[key]) for s in samples], dtype=torch.long)  # noqa: E731
+    flat = lambda key: torch.tensor([t for s in samples for t in s[key]], dtype=torch.long)  # noqa: E731
+    return {
+        "prompt_lengths": lengths("prompt_ids"),
+        "prompt_ids": flat("prompt_ids"),
+        "completion_lengths": lengths("completion_ids"),
+        "completion_ids": flat("completion_ids"),
+        "ref_logps": torch.tensor([s["ref_logps"] for s in samples], dtype=torch.float32),
+    }
+
+
+def _unpack(stored: dict[str, Tensor]) -> list[dict]:
+    prompts = torch.split(stored["prompt_ids"], stored["prompt_lengths"].tolist())
+    completions = torch.split(stored["completion_ids"], stored["completion_lengths"].tolist())
+    return [
+        {"prompt_ids": p.tolist(), "completion_ids": c.tolist(), "ref_logps": r}
+        for p, c, r in zip(prompts, completions, stored["ref_logps"].tolist(), strict=True)
+    ]
+
+
+@register_provider("regularization", RegularizationPool.names)
+def _regularization(ctx: ProviderContext) -> Provider:
+    return RegularizationPool(generate_pool(ctx), ctx.settings.regularization.batch_ratio, ctx.seed)
+
+
+# --------------------------------------------------------------------------------------------- auxiliary rewards
+class AuxRewards(Provider):
+    """UPO's auxiliary rewards per completion, [B, K] for chosen and rejected: the ``aux_rewards`` reward functions,
+    z-normalised jointly over every completion of the data (offline, computed once) or over each draw of samples
+    (online), looked up by content."""
+
+    names = ("aux_rewards_chosen", "aux_rewards_rejected")
+
+    def __init__(self, reward_names: Sequence[str], data=None):
+        if not reward_names:
+            raise ConfigError("the loss needs auxiliary rewards: set aux_rewards to a list of reward names")
+        self.reward_names = list(reward_names)
+        self.table: dict[bytes, list[float]] = {}
+        if data is not None:
+            examples = data.train + data.eval
+            rows = [
+                (e["prompt_ids"], e[f"{side}_ids"], e["prompt"], e[side])
+                for side in ("chosen", "rejected")
+                for e in examples
+            ]
+            self._score(rows)
+
+    def _score(self, rows: list[tuple]) -> None:
+        scores = rewards.score_completions(self.reward_names, [r[2] for r in rows], [r[3] for r in rows])  # [N, K]
+        for (prompt_ids, completion_ids, _, _), values in zip(rows, scores.tolist(), strict=True):
+            self.table[sequence_key(prompt_ids, completion_ids)] = values
+
+    def observe(self, sampled: dict) -> None:
+        """Online: score every sample of this draw (normalised over the draw), replacing the previous draw's."""
+        self.table.clear()
+        eos = sampled["eos_token_id"]
+        rows = [
+            (p, c or [eos], prompt, text)
+            for p, c, prompt, text in zip(
+                sampled["prompt_ids"], sampled["completions"], sampled["prompts"], sampled["texts"], strict=True
+            )
+        ]
+        self._score(rows)
+
+    def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
+        values = [self.table[sequence_key(r["prompt_ids"], r["completion_ids"])] for r in micro.rows]
+        values = torch.tensor(values, dtype=torch.float32, device=micro.device)
+        return micro.layout.named(values, self.names, len(micro.items))
+
+
+@register_provider("aux_rewards", AuxRewards.names)
+def _aux_rewards(ctx: ProviderContext) -> Provider:
+    provider = AuxRewards(ctx.settings.aux_rewards, data=None if ctx.online else ctx.data)
+    if ctx.online:
+        provider.on_sample = provider.observe
+    return provider
+
+
+@dataclass
+class Providers:
+    """The providers a run uses, in the order their rows join the forward."""
+
+    items: list[Provider] = field(default_factory=list)
+
+    def observers(self) -> list[Callable[[dict], None]]:
+        return [p.on_sample for p in self.items if p.on_sample is not None]

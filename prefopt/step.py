@@ -1,0 +1,194 @@
+"""One micro-batch: the layout's rows plus every provider's rows -> one policy forward -> the loss's inputs -> loss.
+
+The layout is decided by the loss's kind: :class:`PairLayout` forwards chosen then rejected completions and names
+their values ``policy_chosen_logps`` ...; :class:`GroupLayout` forwards K completions per prompt and names them
+``policy_logps`` ``[G, K]`` .... Everything else the loss takes comes from the run's providers
+(:mod:`prefopt.providers`). Nothing here knows a loss or an input by any other name.
+
+:func:`forward_backward` runs the micro-batches of one optimizer step; :class:`NonFiniteGuard` counts skipped steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+import losses
+from prefopt.batching import collate
+from prefopt.logps import sequence_logps
+from prefopt.metrics import Averager
+from prefopt.providers import MicroBatch, Own, Provider
+
+__all__ = ["PairLayout", "GroupLayout", "LAYOUTS", "Step", "forward_backward", "NonFiniteGuard", "NonFiniteTraining"]
+
+log = logging.getLogger("prefopt")
+
+
+class PairLayout:
+    """Pairs ``{prompt_ids, chosen_ids, rejected_ids}``: chosen rows, then rejected rows."""
+
+    kind = "pair"
+    names = ("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths")
+
+    def __init__(self, eos_token_id: int | None = None):
+        self.eos = eos_token_id
+
+    def rows(self, items: Sequence[dict]) -> list[dict]:
+        return [
+            {"prompt_ids": p["prompt_ids"], "completion_ids": p[f"{side}_ids"]}
+            for side in ("chosen", "rejected")
+            for p in items
+        ]
+
+    def named(self, values: Tensor, names: Sequence[str], n_items: int) -> dict[str, Tensor]:
+        """Per-row values ``[2B, ...]`` as ``{names[0]: chosen [B, ...], names[1]: rejected [B, ...]}``."""
+        return {names[0]: values[:n_items], names[1]: values[n_items : 2 * n_items]}
+
+    def inputs(self, items: Sequence[dict], logps: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        n = len(items)
+        return {**self.named(logps, self.names[:2], n), **self.named(lengths, self.names[2:], n)}
+
+
+class GroupLayout:
+    """Groups ``{prompt_ids, completions: [K], rewards: [K]}``: K completions per prompt, rows group-major."""
+
+    kind = "group"
+    names = ("policy_logps", "lengths", "rewards")
+
+    def __init__(self, eos_token_id: int | None = None):
+        self.eos = eos_token_id
+
+    def rows(self, items: Sequence[dict]) -> list[dict]:
+        return [{"prompt_ids": g["prompt_ids"], "completion_ids": c} for g in items for c in g["completions"]]
+
+    def named(self, values: Tensor, names: Sequence[str], n_items: int) -> dict[str, Tensor]:
+        """Per-row values ``[G·K, ...]`` as ``{names[0]: [G, K, ...]}``."""
+        return {names[0]: rearrange(values, "(g k) ... -> g k ...", g=n_items)}
+
+    def inputs(self, items: Sequence[dict], logps: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        n = len(items)
+        rewards = torch.tensor([g["rewards"] for g in items], dtype=torch.float32, device=logps.device)
+        return {
+            **self.named(logps, ("policy_logps",), n),
+            **self.named(lengths.to(logps.dtype), ("lengths",), n),
+            "rewards": rewards,
+        }
+
+
+LAYOUTS = {"pair": PairLayout, "group": GroupLayout}
+
+
+@dataclass
+class StepOutput:
+    out: losses.LossOutput
+    tokens: int  # non-pad tokens forwarded
+
+
+class Step:
+    """One micro-batch through the policy and the loss (see the module docstring)."""
+
+    def __init__(
+        self,
+        loss_fn: losses.BoundLoss,
+        layout,
+        providers: Sequence[Provider],
+        *,
+        pad_id: int,
+        buckets: bool | int,
+        device: torch.device,
+    ):
+        self.loss_fn, self.layout, self.providers = loss_fn, layout, list(providers)
+        self.pad_id, self.buckets, self.device = pad_id, buckets, device
+        req = loss_fn.requirements
+        self.accepted = set(req.inputs) | set(req.optional_inputs)
+
+    def __call__(self, policy, items: list[dict], step: int, index: int) -> StepOutput:
+        rows = self.layout.rows(items)
+        micro = MicroBatch(items, rows, step, index, self.layout, self.device)
+        own = [provider.sequences(micro) for provider in self.providers]
+        batch = collate(rows + [row for extra in own for row in extra], self.pad_id)
+        tokens = int(batch.attention_mask.sum())
+        batch = batch.to(self.device)
+        logps = sequence_logps(
+            policy, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=self.buckets
+        )
+        n = len(rows)
+        inputs = self.layout.inputs(items, logps[:n], batch.lengths[:n])
+        start = n
+        for provider, extra in zip(self.providers, own, strict=True):
+            end = start + len(extra)
+            supplied = provider.inputs(micro, Own(extra, logps[start:end], batch.lengths[start:end]))
+            inputs.update({k: v for k, v in supplied.items() if k in self.accepted})
+            start = end
+        return StepOutput(self.loss_fn(**inputs), tokens)
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient; a checkpoint was saved."""
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; ``skip`` returns True once ``limit`` steps in a row were skipped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.total, self.consecutive = limit, 0, 0
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def skip(self, step: int, problem: str) -> bool:
+        self.total += 1
+        self.consecutive += 1
+        log.warning(
+            "step %d skipped: %s (%d skipped in total, %d in a row)", step, problem, self.total, self.consecutive
+        )
+        return bool(self.limit) and self.consecutive >= self.limit
+
+
+def forward_backward(accelerator, policy, step_fn: Step, micro_batches: list[list[dict]], step: int):
+    """Forward + backward over the micro-batches of one optimizer step (gradients synchronised on the last only).
+
+    Returns ``(averager, problem)``. A non-finite loss input or value (``losses.NonFiniteError``) does not stop the
+    loop: the micro-batch backpropagates a zero through every parameter instead, so all processes run the same
+    collective calls, and the problem is returned for the step to be skipped. So does an empty micro-batch (online:
+    every sampled reward tied)."""
+    averager, problem = Averager(), None
+    for index, items in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(policy):
+            loss = None
+            if items:
+                try:
+                    result = step_fn(policy, items, step, index)
+                    averager.tokens += result.tokens
+                    loss = result.out.loss / len(micro_batches)
+                    averager.add(result.out)
+                except losses.NonFiniteError as error:
+                    problem = problem or f"a non-finite loss ({error})"
+            accelerator.backward(loss if loss is not None else zero_loss(policy))
+    return averager, problem
+
+
+def zero_loss(policy) -> Tensor:
+    """A zero that reaches every trainable parameter, so every process still runs the same gradient all-reduce."""
+    return sum(p.sum() * 0.0 for p in policy.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    policy, step_fn: Step, items: list[dict], *, micro: int, rank: int, world: int, step: int
+) -> Averager:
+    """The loss and metrics on ``items`` (this process's shard), averaged over micro-batches."""
+    policy.eval()
+    averager = Averager()
+    shard = items[rank::world]
+    for start in range(0, len(shard), micro):
+        averager.add(step_fn(policy, shard[start : start + micro], step, -1 - start).out)
+    policy.train()
+    return averager
