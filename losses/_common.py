@@ -1,6 +1,6 @@
 """Shared pieces of every loss: the output type, errors, hyper-parameter checks and metric helpers.
 
-Notation (spec §1): ``S`` is a summed completion log-prob, ``|y|`` a completion token count,
+Notation (README "The losses"): ``S`` is a summed completion log-prob, ``|y|`` a completion token count,
 ``ρ = S_θ − S_ref`` the policy/reference log-ratio, ``Δ = ρ_w − ρ_l`` the pair margin.
 """
 
@@ -68,7 +68,7 @@ class LossOutput:
 
 
 def token_mean(summed_logps: Tensor, lengths: Tensor) -> Tensor:
-    """``S / |y|`` with ``|y|`` clamped to >= 1 (spec §9.4). Keeps the dtype of ``summed_logps``."""
+    """``S / |y|`` with ``|y|`` clamped to >= 1. Keeps the dtype of ``summed_logps``."""
     return summed_logps / lengths.to(summed_logps.dtype).clamp(min=1)
 
 
@@ -116,7 +116,7 @@ def reference_metrics(
     ref_rejected_logps: Tensor,
 ) -> dict[str, Tensor]:
     """Metrics of a loss with a reference: implicit rewards ``βρ`` (TRL names) and the offline log-ratios ``kl/*``
-    (spec §10)."""
+    (README "Reliability")."""
     chosen_logratios = (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_logratios = (policy_rejected_logps - ref_rejected_logps).detach()
     metrics = pair_metrics(

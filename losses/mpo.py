@@ -7,7 +7,7 @@ preference pairs; an *off-policy KL term* is evaluated on regularisation data ge
 beforehand, so neither a reward model nor a reference model is held in memory while optimising. The exact loss, its
 scaling constants and defaults were not seen; every knob below is exposed so the paper's form can be dialled in.
 
-Derivation (spec §4.2). Objective, with μ the unknown distribution that produced the pairs:
+Derivation (Jiang et al. 2023, arXiv 2312.16430, §3). Objective, with μ the unknown distribution that produced the pairs:
 
     J(π) = E_x [ E_{y∼π} P(y ≻ μ | x) ] − β KL(π ‖ π_ref)
 
@@ -96,7 +96,7 @@ def mpo_loss(
     samples pre-generated from the reference policy (``reg_logps`` is the *policy's* log-prob of them).
 
     * preference term: summed log-probs; ``length_normalize=True`` uses token averages ``S/|y|`` instead (a remedy
-      when σ saturates on long sequences, spec §4.4).
+      when σ saturates on long sequences, README "The losses").
     * ``beta`` (KL weight, default 0.1; spec suggests sweeping 0.01/0.1/1), ``temperature`` T (1.0),
       ``ptx_weight`` γ (0 = off), ``nll_token_mean`` (token mean, else per-sequence sum averaged over sequences).
     * batch-level NLL terms are spread evenly over ``per_example``.

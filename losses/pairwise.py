@@ -1,6 +1,6 @@
 """Pairwise losses that treat the two responses' log-ratios ``ρ_w``, ``ρ_l`` separately or as a distribution.
 
-EXO, NCA, BCO and APO, all on summed log-probs and equal to TRL 1.16 ``DPOTrainer`` (spec §7).
+EXO, NCA, BCO and APO, all on summed log-probs and equal to TRL 1.16 ``DPOTrainer`` (tests/losses/test_trl_parity.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
 
 
 def log1mexp(x: Tensor) -> Tensor:
-    """``log(1 − e^x)`` for ``x < 0``, stable at both ends (spec §9.2); each branch sees only its own range so the
+    """``log(1 − e^x)`` for ``x < 0``, stable at both ends; each branch sees only its own range so the
     unused one cannot put a NaN into the gradient."""
     split = -math.log(2.0)
     near_zero = torch.log(-torch.expm1(x.clamp(min=split)))

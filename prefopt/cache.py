@@ -44,15 +44,21 @@ def sequence_key(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> by
     return hashlib.blake2b(f"{list(prompt_ids)}|{list(completion_ids)}".encode(), digest_size=16).digest()
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file or dir next to ``path``, then rename it over ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], None], *, replace: bool = False) -> None:
+    """``write(tmp)`` to a temporary file or dir next to ``path``, then rename it to ``path``. When ``path`` exists
+    by then (another process finished first), the first writer wins and the new one is discarded, unless ``replace``
+    (a damaged entry being rebuilt)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        if path.is_dir() and tmp.is_dir():  # a directory entry (a tokenizer): replace the old one
-            shutil.rmtree(path)
+        if path.exists() and not replace:
+            return
+        if path.is_dir():  # a directory entry (a tokenizer): move the old one aside first
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, path)
     finally:
         if tmp.is_dir():
@@ -74,17 +80,19 @@ def cached(
     """``load(path)`` when the entry exists and loads; else ``build()``, saved atomically with ``save(value, tmp)``
     (a ``save`` that raises OSError costs the cache, not the run)."""
     path = Path(path)
+    damaged = False
     if path.exists():
         try:
             value = load(path)
         except Exception as error:  # noqa: BLE001 - any failure to read means: rebuild, never use
             logger.warning("%s cache %s is unusable (%s); rebuilding it", what, path, error)
+            damaged = True
         else:
             logger.info("%s: loaded %s", what, path)
             return value
     value = build()
     try:
-        atomic_write(path, lambda tmp: save(value, tmp))
+        atomic_write(path, lambda tmp: save(value, tmp), replace=damaged)
     except OSError as error:
         logger.warning("%s not cached at %s: %s", what, path, error)
     return value

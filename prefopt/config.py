@@ -15,7 +15,16 @@ from typing import Any
 import losses
 from prefopt.data.errors import DataError
 
-__all__ = ["CONF_DIR", "ConfigError", "USER_ERRORS", "compose_config", "plain", "exit_on_user_error", "check_overrides"]
+__all__ = [
+    "CONF_DIR",
+    "ConfigError",
+    "USER_ERRORS",
+    "compose_config",
+    "plain",
+    "exit_on_user_error",
+    "check_overrides",
+    "to_yaml",
+]
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -40,6 +49,13 @@ def plain(cfg: Any, *, missing: str = "none") -> Any:
     if isinstance(cfg, (list, tuple)):
         return [plain(v, missing=missing) for v in cfg]
     return None if cfg == "???" else cfg
+
+
+def to_yaml(resolved: Mapping[str, Any]) -> str:
+    """A plain config as YAML (the run dir's ``config.yaml``)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(dict(resolved)))
 
 
 def compose_config(overrides: list[str], config_name: str = "config") -> Any:

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
+from prefopt.cache import cached
 from prefopt.config import plain
 
 TINY_LLAMA = "tiny-llama"
@@ -100,19 +98,6 @@ def embedded_tokenizer_key(vocab_size: int, texts: list[str]) -> str:
     return _sha([int(vocab_size), TOKENIZER_VERSION, corpus_sha])
 
 
-def _save_atomically(tokenizer: PreTrainedTokenizerFast, target: Path) -> None:
-    """Save into a temporary folder next to ``target`` and rename it into place (first writer wins)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, target)  # atomic; fails if another process already put a (non-empty) folder there
-    except OSError:
-        if not (target / "tokenizer.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _embedded_tokenizer(
     cfg: ModelConfig, cache_dir: str | Path, corpus: Callable[[], Iterable[str]] | None
 ) -> PreTrainedTokenizerFast:
@@ -127,10 +112,17 @@ def _embedded_tokenizer(
     vocab_size = int(cfg.get("vocab_size", 512))
     cache_dir = Path(cache_dir)
     target = cache_dir / f"tokenizer-{embedded_tokenizer_key(vocab_size, texts)}"
-    if not (target / "tokenizer.json").exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _save_atomically(_train_bpe(texts, vocab_size), target)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(target))
+
+    def load(path: Path) -> PreTrainedTokenizerFast:
+        if not (path / "tokenizer.json").exists():
+            raise ValueError("it has no tokenizer.json")
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+    def save(trained: PreTrainedTokenizerFast, tmp: Path) -> None:
+        trained.save_pretrained(str(tmp))
+
+    trained = cached(target, lambda: _train_bpe(texts, vocab_size), save=save, load=load, what="embedded tokenizer")
+    tokenizer = load(target) if (target / "tokenizer.json").exists() else trained  # as saved, on every path
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -130,7 +130,7 @@ class OnlineSource:
             raise ValueError("online training needs at least one prompt")
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.tokenizer, self.scorer, self.reference, self.kind = tokenizer, scorer, reference, kind
-        self.cfg, self.observers = settings, list(observers)
+        self.sampling, self.observers = settings, list(observers)
         self.batch_size, self.micro_batch_size, self.rank, self.world = batch_size, micro_batch_size, rank, world
         self.seed, self.device = seed, device
         self.k = settings.samples_per_prompt
@@ -140,16 +140,16 @@ class OnlineSource:
     # ------------------------------------------------------------------------------------------------ sampling
     def generate(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
         """k completions per prompt from ``model``: prompt ids and texts, completion ids, texts and token pieces."""
-        cfg = self.cfg
+        sampling = self.sampling
         prompt_ids = [p["prompt_ids"] for p in prompts for _ in range(k)]
         completions = sample_completions(
             model,
             self.tokenizer,
             prompt_ids,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            batch_size=cfg.generation_batch_size,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            batch_size=sampling.generation_batch_size,
             seed=seed,
             device=self.device,
         )
@@ -167,7 +167,7 @@ class OnlineSource:
     def fit_scorer(self, model) -> dict[str, Any]:
         """Reward statistics (ALaRM's z-normalisation) from samples of ``model`` (the reference) on the first
         ``fit_prompts`` train prompts; the same samples on every process."""
-        prompts = self.prompts[: self.cfg.fit_prompts]
+        prompts = self.prompts[: self.sampling.fit_prompts]
         generated = self.generate(model, prompts, self.k, seed=f"{self.seed}/fit")
         return self.scorer.fit(generated["prompts"], generated["texts"], generated["pieces"])
 
@@ -181,7 +181,7 @@ class OnlineSource:
             {"prompt_ids": p, "completion_ids": c or [self.tokenizer.eos_token_id]}
             for p, c in zip(prompt_ids, completions, strict=True)
         ]
-        batch = self.cfg.generation_batch_size
+        batch = self.sampling.generation_batch_size
         policy_logps = logps_of(model, sequences, self.tokenizer.pad_token_id, batch, self.device)
         ref_logps = None
         if self.reference is not None:
@@ -221,7 +221,7 @@ class OnlineSource:
         metrics["online/items"] = float(sum(map(len, micro_batches)))
         metrics["online/tied_prompts_frac"] = dropped / len(prompts)
         table = None
-        every = self.cfg.table_every
+        every = self.sampling.table_every
         if every and ((step + 1) % every == 0 or step == 0):  # logged as steps 1, every, 2 * every, ...
             table = self._table(sampled)
         return Draw(micro_batches, metrics, table)
@@ -232,7 +232,7 @@ class OnlineSource:
     def _pairs(self, sampled: dict, n_prompts: int) -> tuple[list[list[dict]], int]:
         """Per prompt: (best, worst) by reward, or every (i, j) with r_i − r_j > margin; ties give no pair."""
         rewards_gk = self._rewards(sampled)
-        margin, mode = self.cfg.pair_margin, self.cfg.pairing
+        margin, mode = self.sampling.pair_margin, self.sampling.pairing
         per_prompt, tied = [], 0
         for g in range(n_prompts):
             r = rewards_gk[g]
@@ -274,7 +274,7 @@ class OnlineSource:
     def _table(self, sampled: dict) -> list[dict]:
         rows = []
         scores: Scores = sampled["scores"]
-        for i in range(min(self.cfg.table_rows, len(sampled["texts"]))):
+        for i in range(min(self.sampling.table_rows, len(sampled["texts"]))):
             row = {"prompt": sampled["prompts"][i], "completion": sampled["texts"][i], "reward": float(scores.total[i])}
             row.update({name: float(v[i]) for name, v in scores.components.items()})
             rows.append(row)
@@ -284,10 +284,10 @@ class OnlineSource:
     @torch.no_grad()
     def evaluate(self, policy) -> dict[str, float]:
         """Reward, KL and length of samples on the eval prompts (this process's shard), same seed every time."""
-        prompts = self.eval_prompts[: self.cfg.eval_prompts][self.rank :: self.world]
+        prompts = self.eval_prompts[: self.sampling.eval_prompts][self.rank :: self.world]
         if not prompts:
             return {}
-        k = self.cfg.eval_samples_per_prompt
+        k = self.sampling.eval_samples_per_prompt
         sampled = self.sample(policy, prompts, k, seed=f"{self.seed}/eval/{self.rank}")
         return self._metrics(sampled)
 

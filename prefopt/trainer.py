@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from prefopt.build import Run, build
 from prefopt.checkpoint import resume, save_checkpoint
+from prefopt.config import to_yaml
 from prefopt.metrics import MetricsWriter, peak_memory_mib, postfix, reduce_mean, with_perf_totals
 from prefopt.step import NonFiniteGuard, NonFiniteTraining, forward_backward
 
@@ -40,7 +40,7 @@ def loop(run: Run, started: float) -> dict[str, Any]:
     writer = MetricsWriter(accelerator, run.run_dir / "metrics.jsonl")
     step = resume(accelerator, tcfg.resume, run.run_dir, source)
     writer.truncate(step)
-    (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run.settings.resolved)))
+    (run.run_dir / "config.yaml").write_text(to_yaml(run.settings.resolved))
     accelerator.init_trackers("tensorboard")
     guard, last_train, last_eval = NonFiniteGuard(tcfg.max_nonfinite_steps), {}, {}
     bar = tqdm(

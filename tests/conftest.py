@@ -1,4 +1,4 @@
-"""Shared fixtures: the spec §11.1 batch (three pairs, β = 0.1) in float64."""
+"""Shared fixtures: the golden batch of tests/losses/test_golden.py (three pairs, β = 0.1) in float64."""
 
 import pytest
 import torch

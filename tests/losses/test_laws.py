@@ -148,7 +148,7 @@ def test_known_limits(batch):
 
 
 def test_dpo_gradient_formula(batch):
-    """∇_{S_w} L = −β σ(−βΔ) / B (spec §2.1)."""
+    """∇_{S_w} L = −β σ(−βΔ) / B (DPO paper, arXiv 2305.18290, eq. 7)."""
     chosen = batch["policy_chosen_logps"].clone().requires_grad_(True)
     losses.get("dpo", beta=0.2)(**dict(batch, policy_chosen_logps=chosen)).loss.backward()
     expected = -0.2 * torch.sigmoid(-0.2 * _margin(batch)) / 5

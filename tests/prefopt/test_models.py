@@ -8,8 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from prefopt import models
-from prefopt.models import build_model, build_tokenizer, model_fingerprint, resolve_dtype
+from prefopt.cache import atomic_write
 from prefopt.data.synthetic import corpus, make_preference_data
+from prefopt.models import build_model, build_tokenizer, model_fingerprint, resolve_dtype
 
 TINY = {
     "name": "tiny-llama",
@@ -121,9 +122,9 @@ def test_cache_key_depends_on_corpus_and_size():
 
 def test_concurrent_writer_wins(tokenizer, tmp_path):
     target = tmp_path / "tokenizer-x"
-    models._save_atomically(tokenizer, target)
+    atomic_write(target, lambda tmp: tokenizer.save_pretrained(tmp))
     mtime = (target / "tokenizer.json").stat().st_mtime_ns
-    models._save_atomically(tokenizer, target)  # a second process finishing later: keeps the first, no error
+    atomic_write(target, lambda tmp: tokenizer.save_pretrained(tmp))  # a later second writer: keeps the first
     assert (target / "tokenizer.json").stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer-x"]
 

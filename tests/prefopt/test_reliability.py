@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import prefopt
-from prefopt import models as models_module
 from prefopt import checkpoint as checkpoint_module
+from prefopt import models as models_module
 from prefopt import step as step_module
 from prefopt import trainer as trainer_module
 

@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-from prefopt.rewards import ClassifierReward, build_reward, get_reward
 from prefopt.data.synthetic import corpus, make_preference_data, words
+from prefopt.rewards import ClassifierReward, build_reward, get_reward
 
 PROMPTS = ["Write a review of the kettle:", "Write a review of the lamp:", "Write a review of the fan:"]
 COMPLETIONS = [" it was great .", " the lamp was awful and noisy and it broke after a week .", " fine"]

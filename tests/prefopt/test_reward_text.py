@@ -7,10 +7,10 @@ import readability
 import torch
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from prefopt.data.synthetic import make_preference_data
 from prefopt.rewards import get_reward
 from prefopt.rewards.flesch import tokenize_for_readability
 from prefopt.rewards.simple import lexicon_reward
-from prefopt.data.synthetic import make_preference_data
 
 
 def scores(name, completions, **kwargs):

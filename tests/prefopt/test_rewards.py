@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from prefopt.data.synthetic import gold_reward, make_preference_data
 from prefopt.rewards import REWARDS, Reward, get_reward, score_completions, znormalize
 from prefopt.rewards.simple import length_reward, lexicon_reward
-from prefopt.data.synthetic import gold_reward, make_preference_data
 
 PROMPTS = ["p1", "p2", "p3"]
 COMPLETIONS = ["the kettle was great .", "awful, noisy and broken!", "it came"]
