@@ -1,7 +1,8 @@
 """ALaRM hierarchical rewards and consistency-based reward selection (Lai et al. 2024, arXiv 2403.06754).
 
 Exact to the authors' released code (halfrot/ALaRM @ f5b3cf8d: long-form-QA/train_ppo.py, MT/train_ppo.py,
-eval/eval_compare.py; Lai et al. 2024, arXiv 2403.06754). Pure tensor functions; the online trainer composes them with reward models.
+eval/eval_compare.py; Lai et al. 2024, arXiv 2403.06754). Pure tensor functions; the online trainer composes
+them with reward models.
 
 Hierarchical reward of one response with T tokens (token-level vector R, returned as R and its sum):
 

@@ -1,6 +1,7 @@
 """The logistic / hinge family on the DPO margin ``Δ = ρ_w − ρ_l`` (summed log-probs unless stated).
 
-Every function here equals TRL 1.16 ``DPOTrainer`` for the same ``beta``/``label_smoothing`` (tests/losses/test_trl_parity.py), except
+Every function here equals TRL 1.16 ``DPOTrainer`` for the same ``beta``/``label_smoothing``
+(tests/losses/test_trl_parity.py), except
 ``cdpo``, which TRL ≥ 0.29 no longer has (it equals TRL ≤ 0.28 ``sigmoid`` with ``label_smoothing``).
 """
 

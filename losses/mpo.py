@@ -7,7 +7,7 @@ preference pairs; an *off-policy KL term* is evaluated on regularisation data ge
 beforehand, so neither a reward model nor a reference model is held in memory while optimising. The exact loss, its
 scaling constants and defaults were not seen; every knob below is exposed so the paper's form can be dialled in.
 
-Derivation (Jiang et al. 2023, arXiv 2312.16430, §3). Objective, with μ the unknown distribution that produced the pairs:
+Derivation (arXiv 2312.16430, §3). Objective, with μ the unknown distribution that produced the pairs:
 
     J(π) = E_x [ E_{y∼π} P(y ≻ μ | x) ] − β KL(π ‖ π_ref)
 

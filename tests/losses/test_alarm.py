@@ -1,4 +1,4 @@
-"""ALaRM hierarchical reward and consistency selection: numbers computed with the authors' released code, modes, the gate
+"""ALaRM hierarchical reward and consistency selection: numbers from the authors' released code, modes, the gate
 ordering property (hypothesis), and a constructed selection case."""
 
 import pytest

@@ -50,7 +50,7 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, *([base] if base else [])])
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             graph[name] |= {t for t in targets if t in modules and t != name}
     return graph
 
@@ -106,8 +106,15 @@ def test_no_library_module_imports_a_command_line_module():
 
 def test_only_build_and_the_command_line_read_a_hydra_config():
     """Composed configs (DictConfig) are read by prefopt.build; the modules below it take typed settings."""
-    allowed = {"prefopt.build", "prefopt.config", "prefopt.train", "prefopt.select_rewards", "prefopt",
-               "prefopt.compare", "prefopt.rewards"}  # compare reads saved config.yaml files; rewards accepts configs
+    allowed = {
+        "prefopt.build",
+        "prefopt.config",
+        "prefopt.train",
+        "prefopt.select_rewards",
+        "prefopt",
+        "prefopt.compare",
+        "prefopt.rewards",
+    }  # compare reads saved config.yaml files; rewards accepts configs
     readers = set()
     for name, path in _modules().items():
         text = path.read_text()

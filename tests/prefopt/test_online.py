@@ -167,7 +167,7 @@ def test_gate_never_ranks_a_passing_response_below_a_failing_one():
 
 
 def test_alarm_scorer_matches_spec_arithmetic():
-    # ALaRM's MT setting (the authors' released code): raw 0.0, z = 0.795637 >= 0.5; ten tokens, two in an error span (w = 1): 8*0.5 + 2*0.268941
+    # ALaRM's MT setting: raw 0.0, z = 0.795637 >= 0.5; ten tokens, two in an error span (w = 1): 8*0.5 + 2*0.268941
     # plus 3z = 6.924794. Here the error-span aspect is a per-token reward: -1 on tokens 3 and 4, 0 elsewhere.
     scorer = AlarmScorer(
         {
