@@ -9,8 +9,7 @@ loss clipping, no importance sampling, no bootstrapping) needing no extra data. 
 baseline, temperature, clipping and normalisation, and Algorithm 1. Every one of those is a knob here.
 
 Derivation (arXiv 2405.17956). With total reward ``r = r_pref + r_aux``, ``r_aux = Σ_k c_k r_k``, the KL-regularised
-optimum
-is ``π* ∝ π_ref exp((r_pref + r_aux)/β)``. The preference part is fitted by the usual pairwise MLE on the implicit
+optimum is ``π* ∝ π_ref exp((r_pref + r_aux)/β)``. The preference part is fitted by the usual pairwise MLE on the implicit
 reward; the auxiliary part by advantage-weighted regression on the same offline completions (an M-projection onto the
 policy class, i.e. a weighted NLL):
 

@@ -28,7 +28,7 @@ from prefopt.data.prepare import PreparedData, prepare_data
 from prefopt.data.sampled import materialize
 from prefopt.data.synthetic import default_corpus
 from prefopt.metrics import reduce_mean
-from prefopt.providers import PROVIDERS, ProviderContext, plan
+from prefopt.providers import ProviderContext, plan
 from prefopt.reference import Reference
 from prefopt.scoring import build_scorer
 from prefopt.selection import format_table, select
@@ -141,44 +141,23 @@ class Run:
 def build(cfg: Any, run_dir: str | Path) -> Run:
     """Read the settings and build every part of the run (see the module docstring)."""
     settings = cfg if isinstance(cfg, Settings) else read_settings(cfg)
-    tcfg = settings.trainer
+    tcfg, online = settings.trainer, settings.trainer.source == "online"
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     loss_fn = build_loss(settings.loss)
-    kind, online = loss_fn.requirements.kind, tcfg.source == "online"
-    if kind not in LAYOUTS:
-        raise ConfigError(f"loss '{loss_fn.name}' is of kind {kind!r}, which no step trains")
-    if kind == "group" and not online:
-        raise ConfigError(
-            f"loss '{loss_fn.name}' is a group loss (k sampled completions per prompt); train it with trainer=online"
-        )
-    layout = LAYOUTS[kind]()
-    required, optional = plan(loss_fn, layout.names)  # fails before anything is built
-
-    micro = tcfg.micro_batch_size
-    accelerator = Accelerator(  # the scheduler steps once per optimizer step, not once per process
-        mixed_precision=tcfg.mixed_precision,
-        cpu=tcfg.cpu,
-        log_with="tensorboard",
-        project_dir=str(run_dir),
-        step_scheduler_with_optimizer=False,
-    )
-    world, device = accelerator.num_processes, accelerator.device
-    if tcfg.batch_size % (micro * world):
-        raise ConfigError(
-            f"trainer.batch_size={tcfg.batch_size} must be a multiple of micro_batch_size={micro} x {world} process(es)"
-        )
+    layout = _layout(loss_fn, online)
+    required, optional = plan(loss_fn, layout.names)  # an input nobody supplies fails before anything is built
+    accelerator = _accelerator(tcfg, run_dir)
+    device = accelerator.device
     set_seed(tcfg.seed)
     start = build_policy(settings, device)
-    policy, tokenizer, data = start.model, start.tokenizer, start.data
-
     reference = _reference(settings, loss_fn, start, device, needs_model=online or tcfg.sample_eval)
     ctx = ProviderContext(
-        kind=kind,
+        kind=layout.kind,
         online=online,
-        policy=policy,
-        tokenizer=tokenizer,
-        data=data,
+        policy=start.model,
+        tokenizer=start.tokenizer,
+        data=start.data,
         reference=reference,
         device=device,
         seed=tcfg.seed,
@@ -187,80 +166,112 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         settings=settings,
         buckets=tcfg.buckets,
     )
-    providers = [factory.build(ctx) for factory in required + [f for f in optional if f.when_optional(ctx)]]
-    observers = [p.on_sample for p in providers if p.on_sample is not None]
+    factories = required + [f for f in optional if f.when_optional(ctx)]
+    providers = [factory.build(ctx) for factory in factories]
     sampler = None
     if online or tcfg.sample_eval:
-        sampler = _sampler(settings, tokenizer, data, reference, kind, accelerator, run_dir, observers)
-    if online:
-        source = sampler
-    else:
-        source = OfflineSource(
-            data.train,
+        observers = [p.on_sample for p in providers if p.on_sample is not None]
+        sampler = _sampler(settings, start, reference, layout.kind, accelerator, run_dir, observers)
+    source = (
+        sampler
+        if online
+        else OfflineSource(
+            start.data.train,
             batch_size=tcfg.batch_size,
-            micro_batch_size=micro,
+            micro_batch_size=tcfg.micro_batch_size,
             rank=accelerator.process_index,
-            world=world,
+            world=accelerator.num_processes,
             seed=tcfg.seed,
         )
-    _performance_settings(tcfg, policy, device)
-    optimizer = _optimizer(tcfg, policy)
+    )
+    _performance_settings(tcfg, start.model, device)
+    optimizer = _optimizer(tcfg, start.model)
     scheduler = get_scheduler(
         tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.max_steps
     )
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    step = Step(loss_fn, layout, providers, pad_id=tokenizer.pad_token_id, buckets=tcfg.buckets, device=device)
-
-    def evaluate(model: torch.nn.Module, at: int) -> dict[str, float]:
-        metrics = {}
-        if not online and data.eval:
-            averager = evaluate_loss(
-                model, step, data.eval, micro=micro, rank=accelerator.process_index, world=world, step=at
-            )
-            metrics = reduce_mean(accelerator, averager.mean())
-        if sampler is not None:
-            metrics.update(reduce_mean(accelerator, sampler.evaluate(accelerator.unwrap_model(model))))
-        return metrics
-
-    uses_reference = any(type(p).__name__ == "ReferenceInputs" for p in providers)
-    summary: dict[str, Any] = {
-        "loss_name": loss_fn.name,
-        "source": tcfg.source,
-        "reference_model": bool(uses_reference and not online and reference is not None and reference.is_live),
-    }
-    if online:
-        summary.update(
-            train_prompts=len(source.prompts),
-            eval_prompts=len(source.eval_prompts),
-            reward=(settings.reward or {}).get("name"),
-        )
-    else:
-        summary.update(train_pairs=len(data.train), eval_pairs=len(data.eval))
+    policy, optimizer, scheduler = accelerator.prepare(start.model, optimizer, scheduler)
+    step = Step(loss_fn, layout, providers, pad_id=start.tokenizer.pad_token_id, buckets=tcfg.buckets, device=device)
+    evaluation = Evaluation(accelerator, step, [] if online else start.data.eval, tcfg.micro_batch_size, sampler)
+    names = [f.name for f in factories]
     log.info(
         "loss %s (%s): source=%s reference=%s providers=%s",
         loss_fn.name,
-        kind,
+        layout.kind,
         tcfg.source,
         "none" if reference is None else ("table" if reference.table else "live"),
-        [name for name, f in PROVIDERS.items() if f in required or (f in optional and f.when_optional(ctx))],
+        names,
     )
+    summary = {
+        "loss_name": loss_fn.name,
+        "source": tcfg.source,
+        "reference_model": "reference" in names and not online and reference.is_live,  # a second forward per step
+        **_data_summary(settings, start.data, source, online),
+    }
     return Run(
-        settings,
-        run_dir,
-        accelerator,
-        loss_fn,
-        tokenizer,
-        policy,
-        data,
-        reference,
-        providers,
-        source,
-        step,
-        evaluate,
-        optimizer,
-        scheduler,
-        summary,
+        settings, run_dir, accelerator, loss_fn, start.tokenizer, policy, start.data, reference, providers, source,
+        step, evaluation, optimizer, scheduler, summary,
+    )  # fmt: skip
+
+
+def _layout(loss_fn: losses.BoundLoss, online: bool):
+    """The step's layout for the loss's kind (pairs or groups); group losses sample their groups online."""
+    kind = loss_fn.requirements.kind
+    if kind not in LAYOUTS:
+        raise ConfigError(f"loss '{loss_fn.name}' is of kind {kind!r}, which no step trains")
+    if kind == "group" and not online:
+        raise ConfigError(
+            f"loss '{loss_fn.name}' is a group loss (k sampled completions per prompt); train it with trainer=online"
+        )
+    return LAYOUTS[kind]()
+
+
+def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:
+    accelerator = Accelerator(  # the scheduler steps once per optimizer step, not once per process
+        mixed_precision=tcfg.mixed_precision,
+        cpu=tcfg.cpu,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,
     )
+    micro, world = tcfg.micro_batch_size, accelerator.num_processes
+    if tcfg.batch_size % (micro * world):
+        raise ConfigError(
+            f"trainer.batch_size={tcfg.batch_size} must be a multiple of micro_batch_size={micro} x {world} process(es)"
+        )
+    return accelerator
+
+
+def _data_summary(settings: Settings, data: PreparedData, source, online: bool) -> dict[str, Any]:
+    if online:
+        reward = (settings.reward or {}).get("name")
+        return {"train_prompts": len(source.prompts), "eval_prompts": len(source.eval_prompts), "reward": reward}
+    return {"train_pairs": len(data.train), "eval_pairs": len(data.eval)}
+
+
+class Evaluation:
+    """The loss and metrics on the eval pairs (offline) and, with a sampler, reward and KL of samples on the eval
+    prompts (online runs, ``trainer.sample_eval``): ``evaluation(policy, step)`` on every process."""
+
+    def __init__(self, accelerator, step: Step, pairs: list[dict], micro_batch_size: int, sampler):
+        self.accelerator, self.step, self.pairs = accelerator, step, pairs
+        self.micro_batch_size, self.sampler = micro_batch_size, sampler
+
+    def __call__(self, policy: torch.nn.Module, at: int) -> dict[str, float]:
+        accelerator, metrics = self.accelerator, {}
+        if self.pairs:
+            averager = evaluate_loss(
+                policy,
+                self.step,
+                self.pairs,
+                micro_batch_size=self.micro_batch_size,
+                rank=accelerator.process_index,
+                world=accelerator.num_processes,
+                step=at,
+            )
+            metrics = reduce_mean(accelerator, averager.mean())
+        if self.sampler is not None:
+            metrics.update(reduce_mean(accelerator, self.sampler.evaluate(accelerator.unwrap_model(policy))))
+        return metrics
 
 
 def _reference(
@@ -288,20 +299,18 @@ def _reference(
 
 
 def _sampler(
-    settings: Settings, tokenizer, data, reference: Reference, kind: str, accelerator, run_dir: Path, observers
+    settings: Settings, start: Policy, reference: Reference, kind: str, accelerator, run_dir: Path, observers
 ) -> OnlineSource:
-    """An :class:`OnlineSource` over the data's prompts, scored by ``reward``: the batch source of online runs and
-    the sampling evaluator of ``trainer.sample_eval``. Before training, ``reward.select: auto`` runs ALaRM's
-    aspect selection on reference samples (``reward_selection.json``) and the scorer's statistics (ALaRM's
-    z-normalisation) are estimated on reference samples (``reward_stats.json``); a resumed run reloads both."""
+    """An :class:`OnlineSource` over the data's prompts, scored by ``reward``, with its scorer prepared: the batch
+    source of online runs and the sampling evaluator of ``trainer.sample_eval``."""
     tcfg = settings.trainer
     if not settings.reward:
         raise ConfigError("sampling needs a reward: add reward=NAME (conf/reward/)")
     scorer = build_scorer(settings.reward).to(accelerator.device)
     source = OnlineSource(
-        unique_prompts(data.train),
-        unique_prompts(data.eval),
-        tokenizer=tokenizer,
+        unique_prompts(start.data.train),
+        unique_prompts(start.data.eval),
+        tokenizer=start.tokenizer,
         scorer=scorer,
         reference=reference,
         kind=kind,
@@ -314,8 +323,16 @@ def _sampler(
         device=accelerator.device,
         observers=observers,
     )
+    _prepare_scorer(settings, source, scorer, reference, accelerator, run_dir)
+    return source
+
+
+def _prepare_scorer(settings: Settings, source: OnlineSource, scorer, reference: Reference, accelerator, run_dir):
+    """Before training: ``reward.select: auto`` runs ALaRM's aspect selection on reference samples
+    (``reward_selection.json``), then the scorer's statistics (ALaRM's z-normalisation) are estimated on reference
+    samples (``reward_stats.json``). A resumed run reloads both from the run dir instead."""
     stats_path, selection_path = run_dir / "reward_stats.json", run_dir / "reward_selection.json"
-    resuming = tcfg.resume is not None
+    resuming = settings.trainer.resume is not None
     if settings.reward.get("select", "none") == "auto":
         if resuming and selection_path.exists():
             result = json.loads(selection_path.read_text())
@@ -327,11 +344,10 @@ def _sampler(
         scorer.set_weights(result["weights"])
     if resuming and stats_path.exists():
         scorer.load_stats(json.loads(stats_path.read_text()))
-        return source
+        return
     stats = source.fit_scorer(reference.model)
     if accelerator.is_main_process and stats:
         stats_path.write_text(json.dumps(stats, indent=2))
-    return source
 
 
 def _performance_settings(tcfg: TrainerSettings, policy, device: torch.device) -> None:

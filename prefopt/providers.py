@@ -153,8 +153,10 @@ def plan(loss: losses.BoundLoss, layout_names: Sequence[str]) -> tuple[list[Prov
             f"loss '{loss.name}' needs input(s) {', '.join(missing)}, which no provider supplies "
             f"(providers: {', '.join(sorted(PROVIDERS)) or 'none'})"
         )
-    extra = [f for f in PROVIDERS.values() if f not in chosen and set(f.supplies(req.kind)) & (set(optional) - covered)]
-    return chosen, extra
+    optional_only = [
+        f for f in PROVIDERS.values() if f not in chosen and set(f.supplies(req.kind)) & (set(optional) - covered)
+    ]
+    return chosen, optional_only
 
 
 # ---------------------------------------------------------------------------------------------------- reference

@@ -111,8 +111,8 @@ class Step:
     def __call__(self, policy, items: list[dict], step: int, index: int) -> StepOutput:
         rows = self.layout.rows(items)
         micro = MicroBatch(items, rows, step, index, self.layout, self.device)
-        own = [provider.sequences(micro) for provider in self.providers]
-        batch = collate(rows + [row for extra in own for row in extra], self.pad_id)
+        added = [provider.sequences(micro) for provider in self.providers]  # each provider's own rows
+        batch = collate(rows + [row for own in added for row in own], self.pad_id)
         tokens = int(batch.attention_mask.sum())
         batch = batch.to(self.device)
         logps = sequence_logps(
@@ -121,9 +121,9 @@ class Step:
         n = len(rows)
         inputs = self.layout.inputs(items, logps[:n], batch.lengths[:n])
         start = n
-        for provider, extra in zip(self.providers, own, strict=True):
-            end = start + len(extra)
-            supplied = provider.inputs(micro, Own(extra, logps[start:end], batch.lengths[start:end]))
+        for provider, own in zip(self.providers, added, strict=True):
+            end = start + len(own)
+            supplied = provider.inputs(micro, Own(own, logps[start:end], batch.lengths[start:end]))
             inputs.update({k: v for k, v in supplied.items() if k in self.accepted})
             start = end
         return StepOutput(self.loss_fn(**inputs), tokens)
@@ -182,13 +182,13 @@ def zero_loss(policy) -> Tensor:
 
 @torch.no_grad()
 def evaluate_loss(
-    policy, step_fn: Step, items: list[dict], *, micro: int, rank: int, world: int, step: int
+    policy, step_fn: Step, items: list[dict], *, micro_batch_size: int, rank: int, world: int, step: int
 ) -> Averager:
     """The loss and metrics on ``items`` (this process's shard), averaged over micro-batches."""
     policy.eval()
     averager = Averager()
     shard = items[rank::world]
-    for start in range(0, len(shard), micro):
-        averager.add(step_fn(policy, shard[start : start + micro], step, -1 - start).out)
+    for start in range(0, len(shard), micro_batch_size):
+        averager.add(step_fn(policy, shard[start : start + micro_batch_size], step, -1 - start).out)
     policy.train()
     return averager
