@@ -21,7 +21,7 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-# prefopt vs TRL's DPOTrainer vs a bare PyTorch loop, side by side (~9 min on 2 CPU cores, ~13 with
-# BENCH_ARGS="--repeats 2"; BENCH_ARGS=--quick for a seconds-long smoke run). TRL rows need the [bench] extra.
+# prefopt vs TRL's DPOTrainer vs a bare PyTorch loop, side by side: 3 interleaved rounds (~17 min on 2 CPU cores;
+# BENCH_ARGS="--rounds 5"; BENCH_ARGS=--quick for a seconds-long smoke run). TRL rows need the [bench] extra.
 bench:
 	$(PYTHON) -m bench $(BENCH_ARGS)

@@ -1,11 +1,15 @@
 """``python -m bench`` (``make bench``): prefopt vs TRL's DPOTrainer vs a bare PyTorch loop, side by side.
 
-    python -m bench            # full: ~9 min on 2 CPU cores (--repeats 2: ~13 min)
-    python -m bench --quick    # tiny sizes, one worker process, seconds (also PREFOPT_BENCH_QUICK=1)
+    python -m bench                                   # full: 3 interleaved rounds, ~17 min on 2 CPU cores
+    python -m bench --rounds 5 --skip scaling,startup,memory   # the ratios only, 5 rounds
+    python -m bench --quick                           # tiny sizes, one worker process, seconds
 
 Every configuration trains the same model (saved once, loaded by every run) on the same pairs in the same batches
-for the same steps with the same threads, each in its own process (peak RSS = that process's). See bench/report.py
-for what is printed and how the ratios are defined.
+for the same steps with the same threads, each in its own process (peak RSS = that process's). The main table's
+configurations run in ``--rounds`` interleaved rounds (each round runs every configuration once, in an order rotated
+by one per round), so slow phases of a shared machine fall on all of them; every ratio is computed per round and
+printed as its median with the spread over the rounds. See bench/report.py for what is printed and how the ratios are
+defined.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", default=os.environ.get("PREFOPT_BENCH_QUICK") == "1")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every run")
-    parser.add_argument("--repeats", type=int, default=1, help="run the main table N times round-robin, keep the best")
+    parser.add_argument(
+        "--rounds", "--repeats", type=int, default=3, help="interleaved rounds of the main table (--quick: 1)"
+    )
     parser.add_argument("--workdir", help="where models, data and runs go (default: a temporary dir, removed)")
     parser.add_argument("--json", help="also write every raw result to this JSON file")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: main, scaling, startup, memory")
@@ -109,6 +115,16 @@ class Runner:
         done = {r["name"] for r in results}
         error = f"worker exited {code}: {_tail(base.with_suffix('.log'))}"
         return results + [{"name": s["name"], "ok": False, "error": error} for s in specs if s["name"] not in done]
+
+
+def _interleaved(runner: Runner, specs: list[dict], round_index: int) -> list[dict]:
+    """One round: every configuration once, starting at a different one each round; results in ``specs`` order."""
+    if not specs:
+        return []
+    shift = round_index % len(specs)
+    order = specs[shift:] + specs[:shift]
+    by_name = {r["name"]: r for r in runner.run_all(order)}
+    return [by_name[s["name"]] for s in specs]
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -309,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     where = layout(workdir)
     started = time.perf_counter()
     artifacts = {"kind": "artifacts", "name": "artifacts", "plan": plan.as_dict(), "workdir": str(workdir)}
-    repeats = 1 if plan.quick else max(1, args.repeats)
+    rounds = 1 if plan.quick else max(1, args.rounds)
     parts = {
-        "main": [main_specs(plan, where, workdir, args.threads, f"-r{r}") for r in range(repeats)],
+        "main": [main_specs(plan, where, workdir, args.threads, f"-r{r}") for r in range(rounds)],
         "scaling": scaling_specs(plan, where, workdir, args.threads),
         "memory": memory_specs(plan, args.threads),
         "startup": startup_inprocess_specs(plan, workdir, args.threads) if plan.quick else [],
@@ -323,16 +339,19 @@ def main(argv: list[str] | None = None) -> int:
             flat = [artifacts, *parts["main"][0], *parts["scaling"], *parts["startup"], *parts["memory"]]
             by_name = {r["name"]: r for r in runner.run_all(flat)}
             built = by_name["artifacts"]
+            main = [by_name[s["name"]] for s in parts["main"][0]]
             results = {
-                "main": [by_name[s["name"]] for s in parts["main"][0]],
+                "main": main,
+                "main_rounds": [main],
                 **{k: [by_name[s["name"]] for s in parts[k]] for k in ("scaling", "startup", "memory")},
             }
         else:
             built = runner.run(artifacts)
             if built.get("ok"):
-                rounds = [runner.run_all(specs) for specs in parts["main"]]
+                measured = [_interleaved(runner, specs, r) for r, specs in enumerate(parts["main"])]
                 results = {
-                    "main": report.best_of(rounds, plan.warmup_steps) if parts["main"][0] else [],
+                    "main": report.best_of(measured, plan.warmup_steps) if parts["main"][0] else [],
+                    "main_rounds": measured if parts["main"][0] else [],
                     "scaling": runner.run_all(parts["scaling"]),
                     "startup": startup_cli_runs(plan, where, workdir, runner) if "startup" not in skip else [],
                     "memory": runner.run_all(parts["memory"]),
@@ -346,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             payload = {"plan": plan.as_dict(), "manifest": manifest, "threads": args.threads, **results}
             Path(args.json).write_text(json.dumps(payload, indent=1))
-        print(report.render(plan, manifest, results, threads=args.threads, repeats=repeats, elapsed=elapsed))
+        print(report.render(plan, manifest, results, threads=args.threads, repeats=rounds, elapsed=elapsed))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -54,7 +54,7 @@ def step_seconds(result: dict, warmup: int) -> float:
 
 
 def best_of(rounds: list[list[dict]], warmup: int) -> list[dict]:
-    """Per configuration, the round with the highest tokens/s (--repeats: least disturbed by other load)."""
+    """Per configuration, the round with the highest tokens/s (least disturbed by other load): the main table."""
     best = []
     for runs in zip(*rounds, strict=True):
         scored = [(tokens_per_second(r, warmup), i) for i, r in enumerate(runs)]
@@ -102,6 +102,20 @@ def ratios(plan, manifest: dict, main: list[dict]) -> dict[str, float]:
     }
 
 
+Spread = tuple[float, float, float]  # (median, min, max) over rounds
+
+
+def ratio_spread(plan, manifest: dict, rounds: list[list[dict]]) -> dict[str, Spread]:
+    """Every ratio computed within each round (configurations of one round ran back to back), then its median and
+    range over the rounds."""
+    per_round = [ratios(plan, manifest, main) for main in rounds if main]
+    out = {}
+    for key in per_round[0] if per_round else ():
+        values = [r[key] for r in per_round if math.isfinite(r[key])]
+        out[key] = (statistics.median(values), min(values), max(values)) if values else (NAN, NAN, NAN)
+    return out
+
+
 def render(plan, manifest: dict, results: dict[str, list[dict]], *, threads: int, repeats: int, elapsed: float) -> str:
     out: list[str] = []
     model = plan.model
@@ -119,7 +133,8 @@ def render(plan, manifest: dict, results: dict[str, list[dict]], *, threads: int
         f"{lengths[0]}-{lengths[1]} tokens (mean {lengths[2]}), max_length {plan.max_length} (nothing truncated); "
         f"batch {plan.batch_size} pairs, {plan.warmup_steps} warm-up + {plan.measured_steps} measured steps, "
         f"lr {plan.lr} constant, clip 1.0, AdamW; torch threads {threads}; torch {manifest['torch']}, "
-        f"trl {trl_version or 'not installed'}" + (f"; best of {repeats} rounds" if repeats > 1 else "")
+        f"trl {trl_version or 'not installed'}"
+        + (f"; {repeats} interleaved rounds (table: each configuration's best round)" if repeats > 1 else "")
     )
     if plan.quick:
         out.append(
@@ -135,24 +150,42 @@ def render(plan, manifest: dict, results: dict[str, list[dict]], *, threads: int
     if results["memory"]:
         out += ["", *_memory_check(plan, results["memory"])]
     if results["main"]:
-        values = ratios(plan, manifest, results["main"])
-        out += ["", ("(--quick: sizes too small to mean anything) " if plan.quick else "") + _targets(values, results)]
-        out += ["", " ".join(f"{k}={_fmt(v, '.3f') if math.isfinite(v) else 'n/a'}" for k, v in values.items())]
+        spread = ratio_spread(plan, manifest, results.get("main_rounds") or [results["main"]])
+        out += ["", ("(--quick: sizes too small to mean anything) " if plan.quick else "") + _targets(spread, results)]
+        rounds = len(results.get("main_rounds") or [results["main"]])
+        out += [
+            "",
+            f"ratios, median [min, max] over {rounds} round(s): "
+            + "; ".join(
+                f"{k} {_fmt(m, '.3f')} [{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]" for k, (m, lo, hi) in spread.items()
+            ),
+        ]
+        out += ["", " ".join(f"{k}={_fmt(m, '.3f') if math.isfinite(m) else 'n/a'}" for k, (m, _, _) in spread.items())]
     return "\n".join(out)
 
 
-def _targets(values: dict[str, float], results: dict[str, list[dict]]) -> str:
-    """One line: which of the project's performance targets this run meets."""
+def verdict(value: Spread | float, bound: float, at_least: bool) -> str:
+    """``met`` / ``NOT met`` when every round falls on one side of ``bound``, ``within noise`` when the rounds'
+    range straddles it, ``n/a`` without a number."""
+    median, lo, hi = value if isinstance(value, tuple) else (value, value, value)
+    if not all(math.isfinite(v) for v in (median, lo, hi)):
+        return "n/a"
+    worst, best = (lo, hi) if at_least else (hi, lo)
+    meets = (lambda v: v >= bound) if at_least else (lambda v: v <= bound)
+    if meets(worst):
+        return "met"
+    if not meets(best):
+        return "NOT met"
+    return f"within noise ({_fmt(lo, '.3f')}..{_fmt(hi, '.3f')})"
+
+
+def _targets(values: dict[str, Spread], results: dict[str, list[dict]]) -> str:
+    """One line: which of the project's performance targets this run meets (ratios over the rounds' range)."""
     rss = {r["name"]: r.get("peak_rss_mib", NAN) if r.get("ok") else NAN for r in results["main"]}
     memory = {r["name"]: r.get("peak_delta_mib", NAN) if r.get("ok") else NAN for r in results["memory"]}
     naive = memory.pop("logsoftmax-naive", NAN)
 
-    def verdict(ok: bool | None) -> str:
-        return "n/a" if ok is None else ("met" if ok else "NOT met")
-
-    def check(value: float, bound: float, at_least: bool) -> bool | None:
-        return None if not math.isfinite(value) else (value >= bound if at_least else value <= bound)
-
+    check = verdict
     items = [
         ("tokens/s >= 1.3x trl-default", check(values["ratio_vs_trl_default"], 1.3, True)),
         ("tokens/s >= 1.1x trl-best", check(values["ratio_vs_trl_best"], 1.1, True)),
@@ -172,7 +205,7 @@ def _targets(values: dict[str, float], results: dict[str, list[dict]]) -> str:
     if "logsoftmax-selective" in memory:  # the default chunking (the fixed-chunk row is there for comparison only)
         delta = memory["logsoftmax-selective"]
         items.append(("selective log-softmax <= 1/4 of naive memory", check(_ratio(delta, naive), 0.25, False)))
-    return "targets: " + "; ".join(f"{label}: {verdict(ok)}" for label, ok in items)
+    return "targets: " + "; ".join(f"{label}: {outcome}" for label, outcome in items)
 
 
 def _main_table(plan, manifest: dict, main: list[dict]) -> list[str]:

@@ -47,6 +47,7 @@ def test_quick_mode_prints_the_tables_and_finite_ratios_last(quick):
     assert all(math.isfinite(v) for v in values), match.group(0)
     for name in (*report.DPO_ROWS, "prefopt-mpo"):
         assert re.search(rf"^{name}\s", stdout, re.MULTILINE), name
+    assert "ratios, median [min, max] over 1 round(s): ratio_vs_trl_default" in stdout
     for title in ("main table", "scaling:", "time to first step", "selective log-softmax memory"):
         assert title in stdout, title
     assert len(results["scaling"]) == len(scaling_points(plans.QUICK))
@@ -97,8 +98,30 @@ def test_without_trl_the_rows_say_so(quick, monkeypatch):
     assert not missing["ok"] and missing["missing"] == "TRL not installed (pip install -e .[bench])"
     main = [missing if r["name"] == "trl-default" else r for r in results["main"]]
     main = [{**missing, "name": "trl-best"} if r["name"] == "trl-best" else r for r in main]
-    text = report.render(plans.QUICK, results["manifest"], {**results, "main": main}, threads=1, repeats=1, elapsed=1.0)
+    results = {**results, "main": main, "main_rounds": [main]}
+    text = report.render(plans.QUICK, results["manifest"], results, threads=1, repeats=1, elapsed=1.0)
     assert text.count("TRL not installed (pip install -e .[bench])") == 2
     last = RATIOS.fullmatch(text.splitlines()[-1])
     assert last and last.group(1) == last.group(2) == "n/a"
     assert all(math.isfinite(float(last.group(i))) for i in (3, 4, 5))
+
+
+def test_ratios_are_taken_per_round_and_targets_within_the_spread_are_noise(quick):
+    _, results = quick
+    plan, manifest = plans.QUICK, results["manifest"]
+    main = results["main"]
+
+    def slowed(name: str, factor: float) -> list[dict]:
+        return [
+            {**r, "step_seconds": [t * factor for t in r["step_seconds"]]} if r["name"] == name else r for r in main
+        ]
+
+    spread = report.ratio_spread(plan, manifest, [main, slowed("prefopt-mpo", 2.0), slowed("prefopt-mpo", 0.5)])
+    one = report.ratios(plan, manifest, main)["mpo_vs_dpo"]
+    median, lo, hi = spread["mpo_vs_dpo"]
+    assert (median, lo, hi) == pytest.approx((one, one / 2, one * 2))
+    assert report.verdict((median, lo, hi), one, at_least=True).startswith("within noise")
+    assert report.verdict((median, lo, hi), one / 4, at_least=True) == "met"
+    assert report.verdict((median, lo, hi), one * 4, at_least=True) == "NOT met"
+    assert report.verdict((median, lo, hi), one * 4, at_least=False) == "met"
+    assert report.verdict(float("nan"), 1.0, at_least=True) == "n/a"
