@@ -15,6 +15,7 @@ _CHECKS = {"beta": positive, "label_smoothing": in_range(0.0, 0.5, high_open=Tru
 
 @register(
     "aot",
+    optimum="quantile matching of the margins (sorted over the batch), not a per-pair optimum",
     paper="Melnyk et al. 2024, arXiv 2406.05882 (AOT), paired",
     summary="d = sort(S_θw − S_θl) − sort(S_rw − S_rl); −(1−ε) log σ(βd) − ε log σ(−βd)",
     checks=_CHECKS,
@@ -44,6 +45,8 @@ def aot_loss(
 
 @register(
     "aot_unpaired",
+    optimum="quantile matching of ρ_w against ρ_l (each sorted over the batch): spreading the ratios apart "
+    "keeps lowering it",
     paper="Melnyk et al. 2024, arXiv 2406.05882 (AOT), unpaired",
     summary="d = sort(ρ_w) − sort(ρ_l); −(1−ε) log σ(βd) − ε log σ(−βd)",
     checks=_CHECKS,

@@ -59,6 +59,7 @@ def _requires(hparams: Mapping[str, Any]) -> Requirements:
 
 @register(
     "combo",
+    optimum="Mixed PO: the SFT part pulls toward the chosen marginal μ·P(y≻μ)",
     paper="TRL loss_weights; Wang et al. 2024, arXiv 2411.10442 (InternVL Mixed Preference Optimization)",
     summary="Σ_k w_k · L_k",
     aggregation="each part's own",

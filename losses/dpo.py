@@ -21,6 +21,7 @@ _EPS_HALF = in_range(0.0, 0.5, high_open=True)
 
 @register(
     "dpo",
+    optimum="closed form π_ref·exp(r/β): BT's logit p = r − r' is additive over pairs",
     paper="Rafailov et al. 2023, arXiv 2305.18290",
     summary="−log σ(βΔ)",
     checks={"beta": positive},
@@ -45,6 +46,7 @@ def dpo_loss(
 
 @register(
     "cdpo",
+    optimum="label smoothing fits σ(βΔ) to (1−2ε)p+ε, not p: margins shrink toward π_ref",
     paper="Mitchell 2023, 'A note on DPO with noisy preferences' (cDPO); TRL ≤ 0.28 sigmoid + label_smoothing",
     summary="−(1−ε) log σ(βΔ) − ε log σ(−βΔ)",
     checks={"beta": positive, "label_smoothing": _EPS_HALF},
@@ -70,6 +72,8 @@ def cdpo_loss(
 
 @register(
     "robust",
+    optimum="fits σ(βΔ) to the de-noised label (p−ε)/(1−2ε): sharper than π*_DPO on clean labels; unbounded "
+    "below where some pair has p < ε",
     paper="Chowdhury et al. 2024, arXiv 2403.00409 (rDPO)",
     summary="[−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1−2ε)",
     checks={"beta": positive, "label_smoothing": _EPS_HALF},
@@ -97,6 +101,8 @@ def robust_loss(
 
 @register(
     "hinge",
+    optimum="piecewise linear: the minimiser is an LP vertex, β·log-ratios on integer levels, not exp(r/β)",
+    piecewise_linear=True,
     paper="Zhao et al. 2023, arXiv 2305.10425 (SLiC-HF); Liu et al. 2023, arXiv 2309.06657 (RSO)",
     summary="max(0, 1 − βΔ)",
     checks={"beta": positive},
@@ -117,6 +123,7 @@ def hinge_loss(
 
 @register(
     "sigmoid_norm",
+    optimum="= DPO at length 1 (per-token normalisation is the identity)",
     paper="Lambert et al. 2024, arXiv 2411.15124 (Tülu 3 'DPO-norm')",
     summary="−log σ(β(ρ_w/|y_w| − ρ_l/|y_l|))",
     aggregation="mean",
@@ -145,6 +152,7 @@ def sigmoid_norm_loss(
 
 @register(
     "discopop",
+    optimum="non-monotone per-pair loss (logistic below 0, exponential above, switch width τ): no exp(r/β) tilt",
     paper="Chris Lu et al. 2024, arXiv 2406.08414 (DiscoPOP / LRML), Eq. 5",
     summary="(1−m)(−log σ(βΔ)) + m·exp(−βΔ), m = σ(βΔ/τ)",
     checks={"beta": positive, "tau": positive},

@@ -12,6 +12,7 @@ __all__ = ["ipo_loss", "sppo_hard_loss"]
 
 @register(
     "ipo",
+    optimum="closed form π_ref·exp(P(y≻μ)/β) (Azar et al. §5)",
     paper="Azar et al. 2023, arXiv 2310.12036 (IPO / ΨPO), Eq. 17",
     summary="(h − 1/(2β))², h = Δ on token-averaged (default) or summed log-probs",
     aggregation="mean (length_normalize=true, TRL) / sum (false, literal paper)",
@@ -56,6 +57,7 @@ def ipo_loss(
 
 @register(
     "sppo_hard",
+    optimum="regresses each ρ to ±1/(2β): IPO's shape, but each ratio absolutely, so π must renormalise",
     paper="Wu et al. 2024, arXiv 2405.00675 (SPPO), Eq. 4.7 with P ∈ {1, 0}",
     summary="(ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²",
     checks={"beta": positive},

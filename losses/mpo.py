@@ -66,6 +66,7 @@ def _nll(logps: Tensor, lengths: Tensor, token_mean_: bool, name: str) -> Tensor
 
 @register(
     "mpo",
+    optimum="targets IPO's objective E_π P(y≻μ) − β·KL; σ(S_w − S_l) and forward KL only approximate it",
     paper="Jiang, Huang, Wei 2023, arXiv 2312.16430 (MPO; loss reconstructed, UNVERIFIED — see module docstring)",
     summary="−σ((S_w − S_l)/T) + β·NLL(reg ∼ π_ref) + γ·NLL(sft)",
     aggregation="sum (preference; mean with length_normalize), token-mean (NLL terms)",

@@ -23,6 +23,7 @@ def _logratios(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tenso
 
 @register(
     "exo_pair",
+    optimum="reverse-KL fit to the smoothed hard label: βΔ = (2p−1)·log((1−ε)/ε), not additive in r",
     paper="Ji et al. 2024, arXiv 2402.00856 (EXO), Eq. 16",
     summary="σ(βΔ)[log σ(βΔ) − log(1−ε)] + σ(−βΔ)[log σ(−βΔ) − log ε]",
     checks={"beta": positive, "label_smoothing": in_range(0.0, 1.0, low_open=True, high_open=True)},
@@ -53,6 +54,7 @@ def exo_pair_loss(
 
 @register(
     "nca_pair",
+    optimum="acts on each log-ratio, not only the margin; normalisation couples them",
     paper="Chen et al. 2024, arXiv 2402.05369 (NCA)",
     summary="−log σ(βρ_w) − ½ log σ(−βρ_w) − ½ log σ(−βρ_l)",
     checks={"beta": positive},
@@ -81,6 +83,7 @@ def nca_pair_loss(
 
 @register(
     "bco_pair",
+    optimum="per-response logistic regression of βρ (chosen vs rejected); δ = 0 does not normalise",
     paper="Jung et al. 2024, arXiv 2404.04656 (BCO)",
     summary="−log σ(βρ_w) − log σ(−βρ_l)",
     checks={"beta": positive},
@@ -107,6 +110,8 @@ def bco_pair_loss(
 
 @register(
     "apo_zero",
+    optimum="= Σ_y (W⁻(y) − W⁺(y))·σ(βρ(y)) + const (W± = weight as chosen/rejected): linear in σ(βρ), so "
+    "responses rejected more often than chosen are pushed to π(y) → 0",
     paper="D'Oosterlinck et al. 2024, arXiv 2408.06266 (APO), Eq. 7",
     summary="(1 − σ(βρ_w)) + σ(βρ_l)",
     checks={"beta": positive},
@@ -132,6 +137,7 @@ def apo_zero_loss(
 
 @register(
     "apo_down",
+    optimum="σ(βρ_w) lowers every chosen ratio while 1 − σ(βΔ) rewards margins: no interior minimum",
     paper="D'Oosterlinck et al. 2024, arXiv 2408.06266 (APO), Eq. 8",
     summary="σ(βρ_w) + (1 − σ(βΔ))",
     checks={"beta": positive},

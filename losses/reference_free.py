@@ -54,6 +54,7 @@ def _policy_output(
 
 @register(
     "simpo",
+    optimum="reference-free with target margin γ: π_ref does not enter",
     paper="Meng et al. 2024, arXiv 2405.14734 (SimPO)",
     summary="−log σ(β(A_w − A_l) − γ), A = S_θ/|y|",
     aggregation="mean",
@@ -84,6 +85,7 @@ def simpo_loss(
 
 @register(
     "cpo",
+    optimum="reference-free DPO (uniform reference) + α·NLL(chosen): pulled toward the SFT closed form",
     paper="Xu et al. 2024, arXiv 2401.08417 (CPO), Eq. 3 + NLL",
     summary="−log σ(β(S_w − S_l)) + α·NLL(y_w)",
     aggregation="sum (preference), token-mean (NLL)",
@@ -121,6 +123,7 @@ def cpo_loss(
 
 @register(
     "orpo",
+    optimum="NLL(chosen) + λ·odds ratio (β passed as λ): near the SFT closed form",
     paper="Hong et al. 2024, arXiv 2403.07691 (ORPO), Eqs. 4-7",
     summary="NLL(y_w) − λ log σ(log odds(A_w) − log odds(A_l))",
     aggregation="mean",
@@ -155,6 +158,7 @@ def orpo_loss(
 
 @register(
     "sft",
+    optimum="closed form: the chosen marginal μ(y)·Σ μ(y')p(y≻y')",
     paper="supervised fine-tuning on the chosen completion (TRL loss_type='sft', RPO/Mixed-PO ingredient)",
     summary="−Σ S_θ(y_w) / Σ |y_w| (token-mean NLL of the chosen completions)",
     aggregation="mean",

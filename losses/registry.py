@@ -150,6 +150,8 @@ class LossSpec:
     requires: Callable[[Mapping[str, Any]], Requirements] | None = None
     batch_dependent: bool = False  # the value of a row depends on the other rows (AOT sorts the batch)
     accepts_any_input: bool = False  # takes **inputs (composite losses pass them on)
+    optimum: str = ""  # the population minimiser on a tabular policy, in words (the exact testbed's notes)
+    piecewise_linear: bool = False  # minimised exactly at a vertex (the exact testbed enumerates them)
 
     def validate(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """Unknown names and out-of-range values raise ``HyperParameterError``; returns defaults + ``hparams``."""
@@ -217,8 +219,14 @@ def register(
     checks: Mapping[str, Check] | None = None,
     requires: Callable[[Mapping[str, Any]], Requirements] | None = None,
     batch_dependent: bool = False,
+    optimum: str = "",
+    piecewise_linear: bool = False,
 ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Register a loss under ``name``; the decorated function becomes the validated plain function.
+
+    ``paper``, ``summary`` (a one-line formula), ``aggregation`` and ``optimum`` (its population minimiser, in words)
+    describe it wherever losses are listed (README table, the exact testbed's report), so a new loss is described
+    correctly without editing any of them.
 
     ``checks`` maps hyper-parameter names to range checks (``positive``, ``in_range(0, 0.5, high_open=True)``...),
     applied by ``losses.get`` and by every plain call. Registering a name twice is an error.
@@ -270,6 +278,8 @@ def register(
             requires=requires,
             batch_dependent=batch_dependent,
             accepts_any_input=var_keyword is not None,
+            optimum=optimum,
+            piecewise_linear=piecewise_linear,
         )
         _REGISTRY[name] = spec_
         plain.spec = spec_  # type: ignore[attr-defined]

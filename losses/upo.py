@@ -8,10 +8,10 @@ reading level) by offline RL; the auxiliary term is a plain weighted maximum-lik
 loss clipping, no importance sampling, no bootstrapping) needing no extra data. Not verified: the exact advantage,
 baseline, temperature, clipping and normalisation, and Algorithm 1. Every one of those is a knob here.
 
-Derivation (arXiv 2405.17956). With total reward ``r = r_pref + r_aux``, ``r_aux = Σ_k c_k r_k``, the KL-regularised
-optimum is ``π* ∝ π_ref exp((r_pref + r_aux)/β)``. The preference part is fitted by the usual pairwise MLE on the implicit
-reward; the auxiliary part by advantage-weighted regression on the same offline completions (an M-projection onto the
-policy class, i.e. a weighted NLL):
+Derivation (arXiv 2405.17956). With total reward ``r = r_pref + r_aux``, ``r_aux = Σ_k c_k r_k``, the
+KL-regularised optimum is ``π* ∝ π_ref exp((r_pref + r_aux)/β)``. The preference part is fitted by the usual pairwise
+MLE on the implicit reward; the auxiliary part by advantage-weighted regression on the same offline completions (an
+M-projection onto the policy class, i.e. a weighted NLL):
 
     L_UPO = L_pref + α · mean_{y ∈ {y_w, y_l}} [ −w(y) · S̄_θ(y) ],
     w = stopgrad(min(exp(A/τ), w_max)),  A = r_aux(y) − b(x),
@@ -73,6 +73,8 @@ def _combined(rewards: Tensor, aux_weights: list[float] | None, name: str) -> Te
 
 @register(
     "upo",
+    optimum="with zero auxiliary rewards every weight is 1, so + α·NLL(both completions) pulls toward the "
+    "pair marginal ∝ μ(y)(1 − μ(y))",
     paper="Badrinath, Agarwal, Xu 2024, arXiv 2405.17956 (UPO/HPO; auxiliary term reconstructed, UNVERIFIED)",
     summary="L_base + α·mean(−w·S̄), w = min(exp((r_aux − b)/τ), w_max), detached",
     aggregation="base loss's; token-mean S̄ for the auxiliary term (aux_length_normalize)",

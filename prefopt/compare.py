@@ -27,7 +27,6 @@ From Python: ``rows = prefopt.compare.compare(["runs/"], out="compare")`` (plain
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -36,6 +35,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prefopt import tables
+from prefopt.tables import markdown_table, pyplot
+from prefopt.tables import styles as series_styles
 
 __all__ = [
     "CompareError",
@@ -57,7 +60,6 @@ __all__ = [
 PROG = "prefopt-compare"
 SUMMARY, CONFIG, METRICS = "summary.json", "config.yaml", "metrics.jsonl"
 TIME_METRIC = "seconds"  # training wall time from summary.json
-MARKERS = "osD^vP<>Xph*"
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 
 
@@ -269,13 +271,12 @@ def _cell(mean: float | None, std: float | None, have: int, n: int) -> str:
 def markdown(rows: Sequence[Mapping[str, Any]], param: str, metrics: Sequence[str]) -> str:
     """The table: method | param | n | seeds | each metric as mean ± std | train seconds."""
     header = ["method", param, "n", "seeds", *metrics, "train s"]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    for row in rows:
-        cells = [row["method"], _text(row[param]), str(row["n"]), row["seeds"]]
-        for name in [*metrics, TIME_METRIC]:
-            cells.append(_cell(row[name], row[f"{name}:std"], row[f"{name}:n"], row["n"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [
+        [row["method"], _text(row[param]), str(row["n"]), row["seeds"]]
+        + [_cell(row[name], row[f"{name}:std"], row[f"{name}:n"], row["n"]) for name in [*metrics, TIME_METRIC]]
+        for row in rows
+    ]
+    return markdown_table(header, cells)
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, param: str, metrics: Sequence[str]) -> None:
@@ -285,30 +286,13 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, param: str, metrics
     for name in [*metrics, TIME_METRIC]:
         columns += [f"{name}_mean", f"{name}_std", f"{name}_n"]
     columns.append("runs")
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for row in rows:
-            out = [row["method"], "" if row[param] is None else row[param], row["n"], row["seeds"]]
-            for name in [*metrics, TIME_METRIC]:
-                out += ["" if row[k] is None else row[k] for k in (name, f"{name}:std")] + [row[f"{name}:n"]]
-            writer.writerow([*out, row["runs"]])
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """A distinct colour (qualitative colormap) and marker per method."""
-    plt = _pyplot()
-    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
-    return {m: {"color": colors[i % len(colors)], "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(methods)}
+    records = []
+    for row in rows:
+        out = [row["method"], row[param], row["n"], row["seeds"]]
+        for name in [*metrics, TIME_METRIC]:
+            out += [row[name], row[f"{name}:std"], row[f"{name}:n"]]
+        records.append([*out, row["runs"]])
+    tables.write_csv(path, columns, records)
 
 
 def _short(param: str) -> str:
@@ -321,9 +305,9 @@ def plot_frontier(
 ) -> list[str]:
     """``y`` against ``x`` per method over the parameter values, error bars over seeds, points annotated with the
     parameter. Returns the methods left out (no run has both metrics)."""
-    plt = _pyplot()
+    plt = pyplot()
     methods = sorted({row["method"] for row in rows})
-    styles = _styles(methods)
+    styles = series_styles(methods)
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     missing = []
     for method in methods:
@@ -391,11 +375,11 @@ def plot_curves(
 ) -> None:
     """``y`` against the step from the evaluation lines (left) and the train metric ``curve`` (right, if given);
     one line per (method, parameter), the mean over seeds with a ±std band."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("evals", y, "evaluation")] + ([("train", curve, "training")] if curve else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), squeeze=False)
     methods = sorted({run.method for run in runs})
-    styles = _styles(methods)
+    styles = series_styles(methods)
     groups: dict[tuple[str, Any], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.method, _freeze(run.param)), []).append(run)

@@ -16,7 +16,6 @@ The embedded tokenizer does not add BOS/EOS when encoding (``tokenizer(text)`` g
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
-from prefopt.cache import cached
+from prefopt.cache import cached, digest
 from prefopt.config import plain
 
 TINY_LLAMA = "tiny-llama"
@@ -49,12 +48,6 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
     return _DTYPES[key]
-
-
-def _sha(payload: Any, n: int = 16) -> str:
-    """First ``n`` hex digits of the sha256 of ``payload`` serialised as canonical JSON."""
-    blob = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:n]
 
 
 def _trust_remote_code(cfg: ModelConfig, what: str) -> bool:
@@ -95,7 +88,7 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast
 def embedded_tokenizer_key(vocab_size: int, texts: list[str]) -> str:
     """Cache key of the embedded tokenizer: vocab size, :data:`TOKENIZER_VERSION` and the corpus' sha256."""
     corpus_sha = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
-    return _sha([int(vocab_size), TOKENIZER_VERSION, corpus_sha])
+    return digest([int(vocab_size), TOKENIZER_VERSION, corpus_sha])[:16]
 
 
 def _embedded_tokenizer(
@@ -229,4 +222,4 @@ def model_fingerprint(cfg: ModelConfig, model: PreTrainedModel) -> str:
         payload = ["local", str(directory), dtype, _safetensors_stats(directory)]
     else:
         payload = ["hub", name, dtype, getattr(model.config, "_commit_hash", None)]
-    return _sha(payload)
+    return digest(payload)[:16]

@@ -1,8 +1,12 @@
-"""The data layer: read preference files, convert every row to standard strings, and tokenize pairs.
+"""The data layer, in one place: read preference files, convert every row to standard strings, tokenize pairs, and
+prepare a run's train/eval split (with the tokenized-data cache).
 
 ``load_pairs`` / ``load_hub_pairs`` -> standard rows ``{"prompt", "chosen", "rejected"}`` plus stats;
-``tokenize_pairs`` -> ``{"prompt_ids", "chosen_ids", "rejected_ids", "truncated"}`` plus stats. Every data problem
-is a one-line :class:`DataError` naming the file, the row and the field.
+``tokenize_pairs`` -> ``{"prompt_ids", "chosen_ids", "rejected_ids", "truncated"}`` plus stats;
+``prefopt.data.prepare.prepare_data(DataSettings, tokenizer, cache_dir)`` -> ``PreparedData``. The embedded
+synthetic task is ``prefopt.data.synthetic``; pairs sampled from a policy and labelled by a gold reward
+(``data=sampled``) are ``prefopt.data.sampled``. Every data problem is a one-line :class:`DataError` naming the file,
+the row and the field.
 """
 
 from .errors import DataError

@@ -36,7 +36,8 @@ def _modules() -> dict[str, Path]:
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports, at module level or inside functions (``from pkg import name`` counts
-    as importing ``pkg.name`` when that is a module, else ``pkg``)."""
+    as importing ``pkg.name`` when that is a module, else ``pkg``). Importing ``a.b.c`` also runs the packages ``a.b``
+    and ``a`` (their ``__init__``), so they count too, except the importing module's own parent packages."""
     modules = _modules()
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
@@ -51,7 +52,11 @@ def import_graph() -> dict[str, set[str]]:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, *([base] if base else [])])
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-            graph[name] |= {t for t in targets if t in modules and t != name}
+            own_parents = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+            for target in targets:
+                parts = target.split(".")
+                chain = {".".join(parts[:i]) for i in range(1, len(parts) + 1)} - own_parents
+                graph[name] |= {t for t in chain if t in modules and t != name}
     return graph
 
 

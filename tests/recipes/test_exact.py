@@ -68,7 +68,7 @@ def test_sft_learns_the_chosen_marginal_and_sigmoid_norm_equals_dpo():
 def test_hinge_vertex_is_the_exact_minimum():
     """The vertex enumeration finds a loss no larger than L-BFGS's (which stalls at a kink), on integer β-levels."""
     pop = exact.Population(exact.bind("hinge", 0.5), PROBLEM, "bt")
-    vertex = exact.hinge_vertex(pop)
+    vertex = exact.vertex_minimum(pop)
     smooth = exact.fixed_point(pop, PROBLEM.ref_logp, max_evals=60)
     assert vertex.value <= smooth.value + 1e-12
     levels = 0.5 * (vertex.logp - PROBLEM.ref_logp)
