@@ -69,6 +69,14 @@ def _hparam_text(loss: losses.BoundLoss) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "—"
 
 
+def _label(loss: losses.BoundLoss) -> str:
+    """A short name for a run: the loss with β and the hyper-parameters not at their registered defaults."""
+    defaults = loss.spec.hparams
+    changed = {k: v for k, v in loss.hparams.items() if k == "beta" or v != defaults.get(k)}
+    text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items())
+    return f"{loss.name} ({text})" if text else loss.name
+
+
 def _loss_hparams(cfg: DictConfig, name: str) -> dict[str, Any]:
     value = (cfg.get("hparams") or {}).get(name)
     return dict(OmegaConf.to_container(value, resolve=True)) if value is not None else {}
@@ -280,7 +288,7 @@ def overfit_table(cfg: DictConfig, problem: Problem, results: Results) -> str:
         hp = {**_loss_hparams(cfg, name), **run}
         loss = bind(name, beta, hp)
         pop = Population(loss, problem, kind, batch_rows=int(cfg.fit.batch_rows))
-        label = f"{name} ({_hparam_text(loss)})"
+        label = _label(loss)
         curve, state = train_curve(
             pop,
             problem.ref_logp,
