@@ -37,10 +37,10 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def logps_of(
-    model, sequences: Sequence[dict], pad_id: int, batch_size: int | None, device, buckets: bool | int = False
+    model, sequences: Sequence[dict], pad_id: int, batch_size: int | None, device, buckets: bool | int = True
 ) -> Tensor:
-    """Summed log-probs of ``{prompt_ids, completion_ids}`` rows under ``model``, fp32 [N], on ``device``'s host
-    copy (CPU) unless ``batch_size`` is None (then one batch, the result left on ``device``)."""
+    """Summed log-probs of ``{prompt_ids, completion_ids}`` rows under ``model``, fp32 [N], on the CPU unless
+    ``batch_size`` is None (then one batch, the result left on ``device``); ``buckets`` as in ``sequence_logps``."""
     was_training = model.training
     model.eval()
     out = []
@@ -116,7 +116,7 @@ class Reference:
     def forget(self) -> None:
         self._memo.clear()
 
-    def logps(self, sequences: Sequence[dict], *, batch_size: int | None = None, buckets: bool | int = False) -> Tensor:
+    def logps(self, sequences: Sequence[dict], *, batch_size: int | None = None, buckets: bool | int = True) -> Tensor:
         """[N] fp32 reference log-probs of ``sequences``: from the table or memo where known, else computed live
         (``batch_size`` rows per forward, None = one forward); on the reference's device unless computed in
         batches."""
