@@ -234,7 +234,7 @@ def _main_table(plan, manifest: dict, main: list[dict]) -> list[str]:
         "trl-default": "live model",
         "trl-best": "precomputed",
         "bare-pytorch": "precomputed",
-        "prefopt-mpo": "none (reg. samples)",
+        "prefopt-mpo": "precomputed + reg.",
         "prefopt-dpo-live": "live model",
     }
     rows = []

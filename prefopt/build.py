@@ -165,6 +165,8 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         fingerprint=start.fingerprint,
         settings=settings,
         buckets=tcfg.buckets,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
     )
     factories = required + [f for f in optional if f.when_optional(ctx)]
     providers = [factory.build(ctx) for factory in factories]
@@ -206,6 +208,7 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         "source": tcfg.source,
         "reference_model": "reference" in names and not online and reference.is_live,  # a second forward per step
         **_data_summary(settings, start.data, source, online),
+        **{k: v for provider in providers for k, v in provider.summary().items()},
     }
     return Run(
         settings, run_dir, accelerator, loss_fn, start.tokenizer, policy, start.data, reference, providers, source,

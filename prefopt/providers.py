@@ -20,6 +20,7 @@ the trainer and the step stay as they are. A provider implements what it needs o
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,13 @@ class Provider:
         """The inputs for ``micro``; ``own`` holds this provider's rows of the forward with the policy's values."""
         raise NotImplementedError
 
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """After each optimizer step: the step's logged training metrics (e.g. to warn about what they show)."""
+
+    def summary(self) -> dict[str, Any]:
+        """Entries for the run's ``summary.json``."""
+        return {}
+
 
 @dataclass
 class ProviderContext:
@@ -105,6 +113,8 @@ class ProviderContext:
     fingerprint: str  # of the initial weights
     settings: Any  # prefopt.build.Settings
     buckets: bool | int = True
+    rank: int = 0  # this process
+    world: int = 1  # processes
 
 
 @dataclass(frozen=True)
@@ -187,49 +197,129 @@ def _reference(ctx: ProviderContext) -> Provider:
 # ----------------------------------------------------------------------------------------------- regularisation
 class RegularizationPool(Provider):
     """MPO's regularisation data: completions sampled from the reference policy before training, with their
-    reference log-probs; each micro-batch adds ``batch_ratio`` of them per pair to the policy forward, drawn as a
-    pure function of (seed, step, micro-batch) so a resumed run draws the same ones."""
+    reference log-probs. Each training micro-batch adds ``batch_ratio`` of them per pair to the policy forward,
+    drawn **without replacement within an epoch of the pool** (a seeded permutation per epoch; the position of a draw
+    is a pure function of step, micro-batch and process, so a resumed run draws the same ones). Evaluation draws at
+    random (seeded by step and micro-batch)."""
 
     names = ("reg_logps", "reg_lengths", "reg_ref_logps")
 
-    def __init__(self, pool: list[dict], ratio: float, seed: int):
+    def __init__(
+        self,
+        pool: list[dict],
+        *,
+        ratio: float,
+        seed: int,
+        per_micro: int,
+        accumulation: int = 1,
+        rank: int = 0,
+        world: int = 1,
+        draws: int = 0,
+        max_reuse: float = 4.0,
+    ):
         if not pool:
             raise ConfigError("no regularisation samples were generated (every sample was empty)")
-        self.pool, self.ratio, self.seed = pool, ratio, seed
+        self.pool, self.ratio, self.seed, self.per_micro = pool, ratio, seed, per_micro
+        self.accumulation, self.rank, self.world = accumulation, rank, world
+        self.draws, self.max_reuse = draws, max_reuse
+        self._orders: dict[int, list[int]] = {}
+        self._warned, self._recent = False, []
+        reuse = draws / len(pool)
+        log.info(
+            "regularisation pool: %d samples for %d draws over the run (each drawn %.2f times)", len(pool), draws, reuse
+        )
+        if reuse > max_reuse:
+            log.warning(
+                "regularisation pool: each of its %d samples is drawn %.1f times over the run (more than "
+                "regularization.max_reuse=%g): the NLL term will memorise them and pull the policy away from the "
+                "reference; raise regularization.pool_size",
+                len(pool),
+                reuse,
+                max_reuse,
+            )
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * epoch + 17)
+            self._orders = {epoch: torch.randperm(len(self.pool), generator=generator).tolist()}
+        return self._orders[epoch]
 
     def sequences(self, micro: MicroBatch) -> list[dict]:
         count = max(1, round(self.ratio * len(micro.items)))
-        rng = random.Random(f"{self.seed}/{micro.step}/{micro.index}")
-        return [self.pool[rng.randrange(len(self.pool))] for _ in range(count)]
+        if micro.index < 0:  # evaluation
+            rng = random.Random(f"{self.seed}/{micro.step}/{micro.index}")
+            return [self.pool[rng.randrange(len(self.pool))] for _ in range(count)]
+        start = ((micro.step * self.accumulation + micro.index) * self.world + self.rank) * self.per_micro
+        size = len(self.pool)
+        return [self.pool[self._order(p // size)[p % size]] for p in range(start, start + count)]
 
     def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
         reference = torch.tensor([s["ref_logps"] for s in own.rows], device=own.logps.device)
         return {"reg_logps": own.logps, "reg_lengths": own.lengths, "reg_ref_logps": reference}
 
+    KL_WINDOW, KL_MARGIN = 10, 0.1  # steps averaged; nats below 0 that are not sampling noise
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Warn once when the forward-KL estimate on the drawn samples (``*kl_fwd_est``), averaged over the last
+        ``KL_WINDOW`` steps, is clearly negative: a KL is >= 0, so the policy has memorised the samples."""
+        estimate = next((v for k, v in metrics.items() if k.endswith("kl_fwd_est")), None)
+        if estimate is None or self._warned:
+            return
+        self._recent = [*self._recent[-(self.KL_WINDOW - 1) :], estimate]
+        mean = sum(self._recent) / len(self._recent)
+        if len(self._recent) == self.KL_WINDOW and mean < -self.KL_MARGIN:
+            self._warned = True
+            log.warning(
+                "step %d: the forward-KL estimate on the regularisation samples is negative (%.3f over the last %d "
+                "steps), though a KL is >= 0: the policy fits them better than the reference does (memorised); a "
+                "larger regularization.pool_size helps (now %d samples, each drawn %.1f times)",
+                step,
+                mean,
+                self.KL_WINDOW,
+                len(self.pool),
+                self.draws / len(self.pool),
+            )
+
+    def summary(self) -> dict[str, Any]:
+        return {"regularization_pool": len(self.pool), "regularization_reuse": round(self.draws / len(self.pool), 3)}
+
+
+def pool_size(train_pairs: int, max_steps: int, batch_size: int, batch_ratio: float) -> int:
+    """Samples the run draws at most once each: max(train pairs, max_steps x batch_size x batch_ratio)."""
+    return max(train_pairs, math.ceil(max_steps * batch_size * batch_ratio))
+
 
 @torch.no_grad()
-def generate_pool(ctx: ProviderContext) -> list[dict]:
-    """Completions sampled from the reference (the initial policy) for each distinct train prompt, with their
-    reference log-probs; cached under ``cache_dir/regularization``. Generation is left-padded and seeded."""
+def generate_pool(ctx: ProviderContext, size: int) -> list[dict]:
+    """``size`` completions sampled from the reference (the initial policy), one per train pair's prompt in data
+    order, cycling through the pairs (prompts are not deduplicated: a prompt with more pairs gets more samples); empty
+    completions are replaced by further samples. With their reference log-probs; cached under
+    ``cache_dir/regularization``. Generation is left-padded and seeded."""
     settings = ctx.settings.regularization
-    key = cache_key("reg", ctx.fingerprint, ctx.data.fingerprint, settings.key(), ctx.seed)
+    key = cache_key("reg-pool", ctx.fingerprint, ctx.data.fingerprint, settings.key(), size, ctx.seed)
     model, tokenizer = ctx.policy, ctx.tokenizer
+    prompts = [e["prompt_ids"] for e in ctx.data.train]
 
     def build() -> list[dict]:
-        prompts = [e["prompt_ids"] for e in ctx.data.train]
-        unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)] * settings.samples_per_prompt
-        completions = sample_completions(
-            model,
-            tokenizer,
-            unique,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            batch_size=settings.batch_size,
-            seed=ctx.seed,
-            device=ctx.device,
-        )
-        samples = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(unique, completions, strict=True) if c]
+        samples: list[dict] = []
+        for attempt in range(4):  # empty completions (EOS first) are dropped: sample again for the shortfall
+            wanted = [prompts[(len(samples) + i) % len(prompts)] for i in range(size - len(samples))]
+            completions = sample_completions(
+                model,
+                tokenizer,
+                wanted,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                batch_size=settings.batch_size,
+                seed=f"{ctx.seed}/reg/{attempt}",
+                device=ctx.device,
+            )
+            samples += [
+                {"prompt_ids": list(p), "completion_ids": c} for p, c in zip(wanted, completions, strict=True) if c
+            ]
+            if len(samples) >= size:
+                break
         values = logps_of(model, samples, tokenizer.pad_token_id, settings.batch_size, ctx.device)
         for sample, value in zip(samples, values.tolist(), strict=True):
             sample["ref_logps"] = value
@@ -265,7 +355,20 @@ def _unpack(stored: dict[str, Tensor]) -> list[dict]:
 
 @register_provider("regularization", RegularizationPool.names)
 def _regularization(ctx: ProviderContext) -> Provider:
-    return RegularizationPool(generate_pool(ctx), ctx.settings.regularization.batch_ratio, ctx.seed)
+    settings, tcfg = ctx.settings.regularization, ctx.settings.trainer
+    draws = math.ceil(tcfg.max_steps * tcfg.batch_size * settings.batch_ratio)
+    size = settings.pool_size or pool_size(len(ctx.data.train), tcfg.max_steps, tcfg.batch_size, settings.batch_ratio)
+    return RegularizationPool(
+        generate_pool(ctx, size),
+        ratio=settings.batch_ratio,
+        seed=ctx.seed,
+        per_micro=max(1, round(settings.batch_ratio * tcfg.micro_batch_size)),
+        accumulation=tcfg.batch_size // (tcfg.micro_batch_size * ctx.world),
+        rank=ctx.rank,
+        world=ctx.world,
+        draws=draws,
+        max_reuse=settings.max_reuse,
+    )
 
 
 # --------------------------------------------------------------------------------------------- auxiliary rewards

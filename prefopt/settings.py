@@ -201,16 +201,25 @@ class RegularizationSettings(_FromMapping):
     """``regularization``: MPO's samples from the reference policy, generated before training."""
 
     GROUP = "regularization"
-    samples_per_prompt: int = 1
+    pool_size: int | None = None  # samples generated; None = max(train pairs, max_steps x batch_size x batch_ratio)
     batch_ratio: float = 1.0  # regularisation sequences per preference pair in each forward
+    max_reuse: float = 4.0  # warn when the run draws each sample more often than this (the NLL memorises them)
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 64  # generation batch
 
     def key(self) -> dict[str, Any]:
-        """Every field: part of the samples' cache key."""
-        return dataclasses.asdict(self)
+        """What decides the samples: part of their cache key."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_ratio", "max_reuse")}
+
+    def validate(self) -> None:
+        if self.pool_size is not None and self.pool_size < 1:
+            raise ConfigError(
+                f"regularization.pool_size must be >= 1 (or null: sized from the data), got {self.pool_size}"
+            )
+        if not self.batch_ratio > 0:
+            raise ConfigError(f"regularization.batch_ratio must be > 0, got {self.batch_ratio}")
 
 
 @dataclass(frozen=True)

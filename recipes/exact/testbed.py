@@ -156,7 +156,14 @@ class Population:
     ``logp`` is [N], or [K, N] (K tables in one call) for losses whose rows are independent (``hinge``'s vertex
     enumeration; not ``mpo``, whose regularisation NLL is a batch mean)."""
 
-    def __init__(self, loss: losses.BoundLoss, problem: Problem, kind: str, batch_rows: int = 20000):
+    def __init__(
+        self,
+        loss: losses.BoundLoss,
+        problem: Problem,
+        kind: str,
+        batch_rows: int = 20000,
+        reg_pool: Sequence[int] | None = None,
+    ):
         req = loss.requirements
         if req.kind != "pair":
             raise Unsupported(GROUP_REASON)
@@ -186,7 +193,12 @@ class Population:
             zeros = torch.zeros(rows, dtype=F64)
             self._fixed.update(aux_rewards_chosen=zeros, aux_rewards_rejected=zeros)
         self._reg = "reg_logps" in accepted
-        if self._reg:  # reg_ref_logps = E_{π_ref} log π_ref, so mpo/kl_fwd_est is KL(π_ref‖π) exactly
+        self._pool = None if reg_pool is None else torch.as_tensor(list(reg_pool), dtype=torch.long)
+        if self._reg and self._pool is not None:  # a finite pool of responses drawn from π_ref
+            self._fixed.update(
+                reg_lengths=torch.ones(len(self._pool), dtype=torch.long), reg_ref_logps=problem.ref_logp[self._pool]
+            )
+        elif self._reg:  # reg_ref_logps = E_{π_ref} log π_ref, so mpo/kl_fwd_est is KL(π_ref‖π) exactly
             self._fixed.update(
                 reg_lengths=torch.ones(1, dtype=torch.long),
                 reg_ref_logps=(problem.ref_logp.exp() * problem.ref_logp).sum().reshape(1),
@@ -197,7 +209,9 @@ class Population:
         out = {k: v.expand(*lead, *v.shape) if lead else v for k, v in self._fixed.items()}
         out["policy_chosen_logps"] = logp[..., self.chosen]
         out["policy_rejected_logps"] = logp[..., self.rejected]
-        if self._reg:  # one "sample" holding the exact expectation under π_ref: NLL = H(π_ref, π)
+        if self._reg and self._pool is not None:  # the pool's samples: NLL = cross-entropy to its empirical law
+            out["reg_logps"] = logp[..., self._pool]
+        elif self._reg:  # one "sample" holding the exact expectation under π_ref: NLL = H(π_ref, π)
             out["reg_logps"] = (self.problem.ref_logp.exp() * logp).sum(-1, keepdim=True)
         return out
 

@@ -274,11 +274,15 @@ def test_apo_lies_in_0_2(name, beta, batch):
 @FAST
 @given(temperature=st.floats(min_value=0.01, max_value=10.0), batch=batches(lengths=False))
 def test_mpo_preference_part_lies_in_minus_1_0(temperature, batch):
-    """With the KL weight β = 0, MPO is its preference part alone: −σ((S_w − S_l)/T) ∈ [−1, 0]."""
-    out = losses.get("mpo", beta=0.0, temperature=temperature)(**batch)
+    """With the KL weight β = 0, MPO is its preference part alone: −σ(z/T) ∈ [−1, 0], z = ρ_w − ρ_l centred at the
+    reference (default) or S_w − S_l (pair_center="none")."""
+    out = losses.get("mpo", beta=0.0, temperature=temperature, pair_center="none")(**batch)
     assert ((out.per_example >= -1) & (out.per_example <= 0)).all(), out.per_example
     gap = batch["policy_chosen_logps"] - batch["policy_rejected_logps"]
     _close(out.per_example, -torch.sigmoid(gap / temperature))
+    centred = losses.get("mpo", beta=0.0, temperature=temperature)(**batch)
+    assert ((centred.per_example >= -1) & (centred.per_example <= 0)).all(), centred.per_example
+    _close(centred.per_example, -torch.sigmoid(_margin(batch) / temperature))
 
 
 @LAWS

@@ -36,7 +36,7 @@ ISSUE_NAMES = {  # the pairwise losses
     "upo",
     "combo",
 }
-REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft", "mpo"}
+REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft"}  # and mpo with pair_center="none"
 GROUP_NAMES = {"rloo"}  # k sampled completions per prompt
 
 
@@ -117,6 +117,7 @@ def test_reference_declarations():
     for name in ISSUE_NAMES - {"combo"}:
         assert losses.get(name).needs_reference == (name not in REFERENCE_FREE), name
     assert not losses.get("upo", base="simpo").needs_reference
+    assert not losses.get("mpo", pair_center="none").needs_reference
     assert losses.get("combo", parts={"simpo": 1.0, "sft": 0.5}).needs_reference is False
     assert losses.get("combo", parts={"simpo": 1.0, "dpo": 0.5}).needs_reference is True
 

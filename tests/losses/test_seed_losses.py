@@ -30,7 +30,7 @@ MPO_BATCH = dict(
 
 
 def test_mpo_hand_computed():
-    out = losses.get("mpo", beta=0.1)(**MPO_BATCH)
+    out = losses.get("mpo", beta=0.1, pair_center="none")(**MPO_BATCH)
     pref = [sigmoid(2.0), sigmoid(-1.0)]  # σ(S_w − S_l)
     reg_nll = 15.0 / 9.0  # token mean −ΣS/Σ|y|
     assert out.per_example.tolist() == pytest.approx([-pref[0] + 0.1 * reg_nll, -pref[1] + 0.1 * reg_nll], abs=1e-12)
@@ -44,37 +44,80 @@ def test_mpo_hand_computed():
 
 
 def test_mpo_knobs():
-    tempered = losses.get("mpo", beta=0.0, temperature=2.0)(**MPO_BATCH)
+    tempered = losses.get("mpo", beta=0.0, temperature=2.0, pair_center="none")(**MPO_BATCH)
     assert tempered.loss.item() == pytest.approx(-(sigmoid(1.0) + sigmoid(-0.5)) / 2, abs=1e-12)
-    summed = losses.get("mpo", beta=1.0, nll_token_mean=False)(**MPO_BATCH)
+    summed = losses.get("mpo", beta=1.0, nll_token_mean=False, pair_center="none")(**MPO_BATCH)
     assert summed.loss.item() == pytest.approx(-(sigmoid(2.0) + sigmoid(-1.0)) / 2 + 7.5, abs=1e-12)
-    normalized = losses.get("mpo", beta=0.0, length_normalize=True)(**MPO_BATCH)
+    normalized = losses.get("mpo", beta=0.0, length_normalize=True, pair_center="none")(**MPO_BATCH)
     assert normalized.loss.item() == pytest.approx(-(sigmoid(-2 + 2) + sigmoid(-2.5 + 3)) / 2, abs=1e-12)
-    ptx = losses.get("mpo", beta=0.0, ptx_weight=0.5)(**MPO_BATCH, sft_logps=t(-4.0), sft_lengths=torch.tensor([2]))
+    ptx = losses.get("mpo", beta=0.0, ptx_weight=0.5, pair_center="none")(
+        **MPO_BATCH, sft_logps=t(-4.0), sft_lengths=torch.tensor([2])
+    )
     assert ptx.loss.item() == pytest.approx(-(sigmoid(2.0) + sigmoid(-1.0)) / 2 + 0.5 * 2.0, abs=1e-12)
 
 
 def test_mpo_needs_no_reference_and_saturates():
     """The preference term is bounded: even an infinite margin gains at most 1 per pair (unlike DPO)."""
-    assert not losses.get("mpo").needs_reference
+    assert not losses.get("mpo", pair_center="none").needs_reference
     huge = dict(MPO_BATCH, policy_chosen_logps=t(0.0, 0.0), policy_rejected_logps=t(-1e4, -1e4))
-    out = losses.get("mpo", beta=0.0)(**huge)
+    out = losses.get("mpo", beta=0.0, pair_center="none")(**huge)
     assert out.loss.item() == pytest.approx(-1.0)
     grad_batch = {k: (v.clone().requires_grad_(True) if k == "policy_chosen_logps" else v) for k, v in huge.items()}
-    losses.get("mpo", beta=0.0)(**grad_batch).loss.backward()
+    losses.get("mpo", beta=0.0, pair_center="none")(**grad_batch).loss.backward()
     assert grad_batch["policy_chosen_logps"].grad.abs().max().item() < 1e-12
 
 
 def test_mpo_kl_term_pulls_towards_reference_samples():
     """Gradient of the KL term w.r.t. the regularisation log-probs is −β / Σ|y| per token-mean NLL."""
     reg = MPO_BATCH["reg_logps"].clone().requires_grad_(True)
-    losses.get("mpo", beta=0.3)(**dict(MPO_BATCH, reg_logps=reg)).loss.backward()
+    losses.get("mpo", beta=0.3, pair_center="none")(**dict(MPO_BATCH, reg_logps=reg)).loss.backward()
     assert reg.grad.tolist() == pytest.approx([-0.3 / 9, -0.3 / 9])
 
 
 def test_mpo_empty_regularisation_batch_is_an_error():
     with pytest.raises(losses.LossError, match="'reg_logps' is empty"):
-        losses.get("mpo")(**dict(MPO_BATCH, reg_logps=t(), reg_lengths=torch.tensor([], dtype=torch.long)))
+        empty = dict(MPO_BATCH, reg_logps=t(), reg_lengths=torch.tensor([], dtype=torch.long))
+        losses.get("mpo", pair_center="none")(**empty)
+
+
+MPO_REF = dict(ref_chosen_logps=t(-11.0, -24.0), ref_rejected_logps=t(-11.5, -26.0))
+
+
+def test_mpo_centred_pair_term_hand_computed():
+    """pair_center="reference" (the default): σ(ρ_w − ρ_l), ρ = S_θ − S_ref: the importance weight of the winner
+    when the pairs were drawn from π_ref, self-normalised over the pair."""
+    out = losses.get("mpo", beta=0.1)(**MPO_BATCH, **MPO_REF)
+    z = [(-10.0 + 11.0) - (-12.0 + 11.5), (-25.0 + 24.0) - (-24.0 + 26.0)]  # [1.5, -3.0]
+    pref = [sigmoid(v) for v in z]
+    reg_nll = 15.0 / 9.0
+    assert out.per_example.tolist() == pytest.approx([-p + 0.1 * reg_nll for p in pref], abs=1e-12)
+    metrics = out.metrics
+    assert metrics["mpo/logp_gap"].item() == pytest.approx(sum(z) / 2)
+    assert metrics["mpo/sigma_prime_mean"].item() == pytest.approx(sum(p * (1 - p) for p in pref) / 2)
+    assert metrics["mpo/ess"].item() == pytest.approx(sum(1 / (p**2 + (1 - p) ** 2) for p in pref) / 2)
+    assert metrics["mpo/pair_accuracy"].item() == 0.5
+
+
+def test_mpo_centred_term_is_half_at_the_reference_whatever_the_lengths():
+    """At θ = θ_ref every pair sits at σ(0) = ½ with σ′ = ¼, even when its summed log-probs differ by 40 nats (the
+    uncentred term starts such a pair saturated: σ′ ≈ 4e-18)."""
+    chosen, rejected = t(-10.0, -60.0, -35.0), t(-50.0, -20.0, -35.5)
+    batch = dict(policy_chosen_logps=chosen, policy_rejected_logps=rejected)
+    centred = losses.get("mpo", beta=0.0)(**batch, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
+    assert centred.loss.item() == pytest.approx(-0.5, abs=1e-15)
+    assert centred.metrics["mpo/sigma_prime_mean"].item() == pytest.approx(0.25, abs=1e-15)
+    assert centred.metrics["mpo/ess"].item() == pytest.approx(2.0)
+    plain = losses.get("mpo", beta=0.0, pair_center="none")(**batch)
+    assert plain.metrics["mpo/sigma_prime_mean"].item() < 0.1
+
+
+def test_mpo_centred_term_needs_reference_log_probs_not_a_model():
+    loss = losses.get("mpo")
+    assert loss.needs_reference and {"ref_chosen_logps", "ref_rejected_logps"} <= set(loss.requirements.inputs)
+    with pytest.raises(losses.MissingInputError, match="ref_chosen_logps"):
+        loss(**MPO_BATCH)
+    with pytest.raises(losses.HyperParameterError, match="pair_center"):
+        losses.get("mpo", pair_center="policy")
 
 
 def _upo_hand(golden_batch, weight_clip=20.0):

@@ -53,15 +53,28 @@ def test_every_pairwise_loss_trains(tmp_path, cache_dir, name):
     assert (Path(summary["model_dir"]) / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("name", ["simpo", "cpo", "orpo", "mpo", "sft"])
+@pytest.mark.parametrize("name", ["simpo", "cpo", "orpo", "mpo loss.pair_center=none", "sft"])
 def test_reference_free_losses_build_no_reference(tmp_path, cache_dir, monkeypatch, name):
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference-free loss must not build or precompute a reference")
 
     monkeypatch.setattr(reference_module, "frozen_copy", forbidden)
     monkeypatch.setattr(reference_module.Reference, "precomputed", forbidden)
-    summary = run(tmp_path, cache_dir, f"loss={name}", "trainer.max_steps=2", "reference.mode=live")
+    summary = run(tmp_path, cache_dir, *f"loss={name}".split(), "trainer.max_steps=2", "reference.mode=live")
     assert summary["reference_model"] is False
+
+
+def test_mpo_holds_no_reference_model(tmp_path, cache_dir, monkeypatch):
+    """MPO's centred pair term reads the pairs' precomputed reference log-probs: no frozen copy is ever made."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("MPO must not hold a reference model while optimising")
+
+    monkeypatch.setattr(reference_module, "frozen_copy", forbidden)
+    summary = run(tmp_path, cache_dir, "loss=mpo", "trainer.max_steps=2")
+    assert summary["reference_model"] is False
+    lines = [line for line in metrics(summary) if "loss" in line]
+    assert lines[0]["mpo/sigma_prime_mean"] == pytest.approx(0.25, abs=1e-6)  # centred: σ(0) at the start
 
 
 def test_precomputed_and_live_reference_give_the_same_losses(tmp_path, cache_dir):

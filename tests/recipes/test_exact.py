@@ -157,3 +157,21 @@ def test_every_pairwise_loss_gets_a_row(tmp_path):
 def test_unknown_loss_is_a_user_error(tmp_path):
     with pytest.raises(losses.UnknownLossError, match="unknown loss 'nope'"):
         exact.run(exact.compose([f"out_dir={tmp_path}", "losses=[nope]"]))
+
+
+def test_a_small_regularisation_pool_pulls_mpo_away_from_the_reference():
+    """MPO's KL term on a finite pool is the cross-entropy to the pool's empirical distribution: with 4 samples the
+    fixed point's KL to π_ref *rises* with β (the pool is fitted), while the exact expectation (an infinite pool)
+    makes it fall. This is why the trainer sizes the pool from the data and the schedule."""
+    pool = [5, 4, 2, 5]  # four responses drawn from π_ref (seeded multinomial)
+
+    def kl_at(beta: float, reg_pool=None) -> float:
+        pop = exact.Population(exact.bind("mpo", beta), PROBLEM, "bt", reg_pool=reg_pool)
+        fit = exact.fixed_point(pop, PROBLEM.ref_logp)
+        assert fit.status == "converged"
+        return exact.kl(fit.logp, PROBLEM.ref_logp)
+
+    infinite = [kl_at(b) for b in (0.1, 0.5, 2.0)]
+    finite = [kl_at(b, pool) for b in (0.1, 0.5, 2.0)]
+    assert infinite == sorted(infinite, reverse=True) and infinite[-1] < 0.01
+    assert finite == sorted(finite) and finite[-1] > 0.8
