@@ -1,10 +1,10 @@
 """A recipe = methods x beta values x seeds of ``prefopt-train``, then ``prefopt-compare`` over the runs.
 
-A recipe config (``conf/recipe/NAME.yaml``) lists the methods as override lists, the beta grid (and which
-hyper-parameter beta is for each method), the seeds, the overrides common to every run and those of the ``quick`` or
-full mode. Runs go to ``OUT/METHOD/beta=B/seed=S``; a run whose ``summary.json`` exists is not trained again, so an
-interrupted recipe resumes where it stopped. Every run's config records ``recipe.method`` and ``recipe.beta`` for the
-comparison.
+A recipe config (``conf/recipe/NAME.yaml``) lists the methods as override lists, the beta grid (which
+hyper-parameter beta is for each method, and ``method_betas`` for a method with its own grid in both modes), the
+seeds, the overrides common to every run and those of the ``quick`` or full mode. Runs go to
+``OUT/METHOD/beta=B/seed=S``; a run whose ``summary.json`` exists is not trained again, so an interrupted recipe
+resumes where it stopped. Every run's config records ``recipe.method`` and ``recipe.beta`` for the comparison.
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ def run_recipe(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     out = Path(cfg.out_dir)
     methods = list(cfg.run_methods or cfg.methods)
-    betas = list(cfg.betas_quick if cfg.quick else cfg.betas)
+    default_betas = list(cfg.betas_quick if cfg.quick else cfg.betas)
     seeds = list(cfg.seeds_quick if cfg.quick else cfg.seeds)
     runs, trained = [], 0
     for method in methods:
-        for beta in betas:
+        for beta in list((cfg.get("method_betas") or {}).get(method) or default_betas):
             for seed in seeds:
                 run_dir = out / method / f"beta={beta}" / f"seed={seed}"
                 if not (run_dir / "summary.json").exists():

@@ -75,3 +75,19 @@ def test_compose_works_inside_a_running_hydra_app():
         assert prefopt.compose(["loss=ipo"]).loss.name == "ipo"
         assert GlobalHydra.instance().is_initialized()
         assert compose(config_name="sentiment") == outer  # the app's search path still answers
+
+
+def test_a_method_with_its_own_beta_grid(tmp_path, monkeypatch):
+    """``method_betas`` replaces the shared grid for that method (MPO's β weighs a per-token KL)."""
+    trained = []
+
+    def fake_fit(cfg, run_dir):
+        trained.append((cfg.recipe.method, cfg.recipe.beta))
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "summary.json").write_text("{}")
+        return {"eval": {}}
+
+    monkeypatch.setattr(prefopt, "fit", fake_fit)
+    cfg = recipe("sentiment", tmp_path, "run_methods=[dpo,mpo]")
+    run_recipe(cfg)
+    assert trained == [("dpo", 0.1), ("dpo", 0.5), ("mpo", 0.1), ("mpo", 0.5), ("mpo", 2.0)]
