@@ -16,7 +16,25 @@ M-projection onto the policy class, i.e. a weighted NLL):
     L_UPO = L_pref + α · mean_{y ∈ {y_w, y_l}} [ −w(y) · S̄_θ(y) ],
     w = stopgrad(min(exp(A/τ), w_max)),  A = r_aux(y) − b(x),
 
-with ``b`` the pair mean of r_aux (default) or the batch mean, and ``S̄`` the token-mean (default) or summed log-prob.
+with ``b`` the pair mean of r_aux (default), the pair's τ_e-expectile, or the batch mean, and ``S̄`` the token-mean
+(default) or summed log-prob.
+
+What the knobs do (measured on prefopt's recipes and the exact testbed; README "The losses"):
+
+* **α couples with β.** The preference term's gradient is of order β per pair while the auxiliary NLL pulls on both
+  completions, the rejected one included: at α = 1 (with DPO, β = 0.1) the pull towards the data dominates, the
+  likelihood of *rejected* texts rises (log-ratio +1.66 against DPO's −5.43) and the gold reward falls from 0.74 to
+  0.38 on the sentiment recipe; α = 0.1 keeps the preference term alive (0.70). Default α = 0.1; raise α and β
+  together to keep their ratio.
+* **The pair-mean baseline doubles the temperature.** With b = (r_w + r_l)/2 the weight of y_w is
+  exp((r_w − r_l)/(2τ)): on data drawn from the reference the auxiliary term's fixed point is π_ref·exp(a/(2τ)), not
+  π_ref·exp(a/τ). ``pair_expectile`` with τ_e = 0.5 is the same baseline; other τ_e move b towards the better
+  (τ_e → 1) or the worse (τ_e → 0) completion of the pair, the per-pair form of the expectile value baseline.
+* **Reward scale.** ``aux_weights`` are normalised to sum to 1, so adding a reward does not change the scale of
+  r_aux (and so the effective temperature); [1, 1] is [0.5, 0.5].
+* **Token-mean S̄** (``aux_length_normalize``, default) weighs each completion's tokens by w/|y|: short completions
+  get more weight per token, a length penalty of its own (readability 79 vs 62 and 16 vs 19 tokens against the
+  summed form on the multiobjective recipe). ``false`` uses summed log-probs (then α acts ~|y| times stronger).
 """
 
 from __future__ import annotations
@@ -29,7 +47,17 @@ import torch
 from torch import Tensor
 
 from losses._common import HyperParameterError, LossError, LossOutput, token_mean
-from losses.registry import LENGTH_INPUTS, Requirements, get, non_negative, one_of, positive, register, spec
+from losses.registry import (
+    LENGTH_INPUTS,
+    Requirements,
+    get,
+    in_range,
+    non_negative,
+    one_of,
+    positive,
+    register,
+    spec,
+)
 
 __all__ = ["upo_loss"]
 
@@ -60,7 +88,8 @@ def _requires(hparams: Mapping[str, Any]) -> Requirements:
 
 
 def _combined(rewards: Tensor, aux_weights: list[float] | None, name: str) -> Tensor:
-    """[B] or [B, K] auxiliary rewards -> [B] ``Σ_k c_k r_k`` (c_k = 1 when ``aux_weights`` is None)."""
+    """[B] or [B, K] auxiliary rewards -> [B] ``Σ_k c_k r_k`` with the weights normalised to Σ_k c_k = 1 (equal
+    weights when ``aux_weights`` is None)."""
     if rewards.dim() == 1:
         return rewards
     if rewards.dim() != 2:
@@ -68,7 +97,16 @@ def _combined(rewards: Tensor, aux_weights: list[float] | None, name: str) -> Te
     weights = torch.ones(rewards.shape[1]) if aux_weights is None else torch.as_tensor(list(aux_weights))
     if weights.numel() != rewards.shape[1]:
         raise LossError(f"loss 'upo': aux_weights has {weights.numel()} entries but '{name}' has K={rewards.shape[1]}")
-    return rewards @ weights.to(rewards)
+    weights = weights.to(rewards)
+    return rewards @ (weights / weights.sum())
+
+
+def _check_aux_weights(name: str, value: Any) -> None:
+    if value is None:
+        return
+    values = list(value) if isinstance(value, (list, tuple)) else None
+    if not values or any(not isinstance(v, (int, float)) or v < 0 for v in values) or not sum(values) > 0:
+        raise HyperParameterError(f"{name} must be null or a list of weights >= 0 with a positive sum, got {value!r}")
 
 
 @register(
@@ -84,7 +122,9 @@ def _combined(rewards: Tensor, aux_weights: list[float] | None, name: str) -> Te
         "alpha": non_negative,
         "temperature": positive,
         "weight_clip": positive,
-        "baseline": one_of("pair_mean", "batch_mean"),
+        "baseline": one_of("pair_mean", "pair_expectile", "batch_mean"),
+        "expectile": in_range(0.0, 1.0, low_open=True, high_open=True),
+        "aux_weights": _check_aux_weights,
     },
     requires=_requires,
 )
@@ -97,10 +137,11 @@ def upo_loss(
     base: str = "dpo",
     beta: float = 0.1,
     base_kwargs: Mapping[str, Any] | None = None,
-    alpha: float = 1.0,
+    alpha: float = 0.1,
     temperature: float = 1.0,
     weight_clip: float = 20.0,
     baseline: str = "pair_mean",
+    expectile: float = 0.5,
     aux_weights: list[float] | None = None,
     aux_length_normalize: bool = True,
     self_normalize: bool = False,
@@ -114,7 +155,11 @@ def upo_loss(
     hyper-parameters through ``base_kwargs``); the remaining ``inputs`` (reference log-probs, lengths, its extras)
     go to it too, so UPO over a reference-free base needs no reference.
 
-    * baselines ``b``: ``pair_mean`` (mean r_aux of the pair, default) or ``batch_mean`` (over all 2B completions);
+    * ``alpha`` α (0.1): the auxiliary weight; it couples with the base's β (module docstring);
+    * baselines ``b``: ``pair_mean`` (mean r_aux of the pair, default), ``pair_expectile`` (the pair's ``expectile``
+      τ_e: τ_e·max + (1 − τ_e)·min; 0.5 = ``pair_mean``) or ``batch_mean`` (over all 2B completions); the pair
+      baselines double the effective temperature (module docstring);
+    * ``aux_weights`` c_k, normalised to sum to 1 (null: equal);
     * ``temperature`` τ (1.0; spec suggests τ = β, which with z-scored rewards clips most weights at w_max),
       ``weight_clip`` w_max (20), ``self_normalize`` divides the weights by their batch mean;
     * ``S̄`` is the token-mean log-prob when ``aux_length_normalize`` (default), else the summed one.
@@ -135,7 +180,13 @@ def upo_loss(
         ]
     )  # [2, B]: row 0 chosen, row 1 rejected
     with torch.no_grad():
-        centre = rewards.mean(dim=0, keepdim=True) if baseline == "pair_mean" else rewards.mean()
+        if baseline == "pair_mean":
+            centre = rewards.mean(dim=0, keepdim=True)
+        elif baseline == "pair_expectile":  # τ_e-expectile of the pair {r_w, r_l}: τ_e·max + (1 − τ_e)·min
+            high, low = rewards.max(dim=0, keepdim=True).values, rewards.min(dim=0, keepdim=True).values
+            centre = expectile * high + (1 - expectile) * low
+        else:
+            centre = rewards.mean()
         advantages = rewards - centre
         log_weights = advantages / temperature
         clipped = log_weights > math.log(weight_clip)

@@ -374,8 +374,8 @@ def _regularization(ctx: ProviderContext) -> Provider:
 # --------------------------------------------------------------------------------------------- auxiliary rewards
 class AuxRewards(Provider):
     """UPO's auxiliary rewards per completion, [B, K] for chosen and rejected: the ``aux_rewards`` reward functions,
-    z-normalised jointly over every completion of the data (offline, computed once) or over each draw of samples
-    (online), looked up by content."""
+    z-normalised with statistics of the training completions only (offline: computed once over train and eval, the
+    eval split never moving the statistics) or of each draw of samples (online), looked up by content."""
 
     names = ("aux_rewards_chosen", "aux_rewards_rejected")
 
@@ -385,16 +385,21 @@ class AuxRewards(Provider):
         self.reward_names = list(reward_names)
         self.table: dict[bytes, list[float]] = {}
         if data is not None:
-            examples = data.train + data.eval
             rows = [
                 (e["prompt_ids"], e[f"{side}_ids"], e["prompt"], e[side])
+                for split in (data.train, data.eval)
                 for side in ("chosen", "rejected")
-                for e in examples
+                for e in split
             ]
-            self._score(rows)
+            self._score(rows, fitted_on=2 * len(data.train))
 
-    def _score(self, rows: list[tuple]) -> None:
-        scores = rewards.score_completions(self.reward_names, [r[2] for r in rows], [r[3] for r in rows])  # [N, K]
+    def _score(self, rows: list[tuple], fitted_on: int | None = None) -> None:
+        """Score ``rows`` and z-normalise each reward with the mean and std of the first ``fitted_on`` rows (all by
+        default); a reward constant over them becomes zeros."""
+        raw = rewards.score_completions(self.reward_names, [r[2] for r in rows], [r[3] for r in rows], normalize=False)
+        fit = raw[: fitted_on if fitted_on is not None else len(rows)]
+        mean, std = fit.mean(dim=0, keepdim=True), fit.std(dim=0, correction=0, keepdim=True)
+        scores = torch.where(std > 1e-8, (raw - mean) / std.clamp_min(1e-8), torch.zeros_like(raw))  # [N, K]
         for (prompt_ids, completion_ids, _, _), values in zip(rows, scores.tolist(), strict=True):
             self.table[sequence_key(prompt_ids, completion_ids)] = values
 

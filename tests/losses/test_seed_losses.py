@@ -134,7 +134,7 @@ def _upo_hand(golden_batch, weight_clip=20.0):
 
 def test_upo_hand_computed(golden_batch):
     inputs = dict(golden_batch, aux_rewards_chosen=t(1.0, 0.0, 2.0), aux_rewards_rejected=t(0.0, 0.0, -2.0))
-    out = losses.get("upo")(**inputs)
+    out = losses.get("upo", alpha=1.0)(**inputs)
     expected, weights = _upo_hand(golden_batch)
     assert out.per_example.tolist() == pytest.approx(expected, abs=1e-12)
     assert out.metrics["aux/weight_ess"].item() == pytest.approx(sum(weights) ** 2 / sum(w * w for w in weights))
@@ -142,7 +142,7 @@ def test_upo_hand_computed(golden_batch):
     assert out.metrics["loss/preference"].item() == pytest.approx(0.666292, abs=1e-6)
     assert out.metrics["rewards/margins"].item() == pytest.approx(0.056667, abs=1e-6)  # the base's metrics
 
-    clipped = losses.get("upo", weight_clip=5.0)(**inputs)
+    clipped = losses.get("upo", alpha=1.0, weight_clip=5.0)(**inputs)
     expected, _ = _upo_hand(golden_batch, weight_clip=5.0)
     assert clipped.per_example.tolist() == pytest.approx(expected, abs=1e-12)
     assert clipped.metrics["aux/frac_clipped"].item() == pytest.approx(1 / 6)
@@ -153,7 +153,7 @@ def test_upo_limits_and_options(golden_batch):
     assert losses.get("upo", alpha=0.0)(**inputs).loss.item() == losses.get("dpo")(**golden_batch).loss.item()
     # equal auxiliary rewards: every weight is 1, the auxiliary term is the plain mean NLL over both completions
     flat = dict(inputs, aux_rewards_chosen=t(3.0, 3.0, 3.0), aux_rewards_rejected=t(3.0, 3.0, 3.0))
-    out = losses.get("upo", base="ipo", beta=0.2, aux_length_normalize=False)(**flat)
+    out = losses.get("upo", base="ipo", beta=0.2, alpha=1.0, aux_length_normalize=False)(**flat)
     ipo = losses.get("ipo", beta=0.2)(**golden_batch).loss.item()
     assert out.loss.item() == pytest.approx(ipo + (42.5 + 45.0) / 6, abs=1e-12)
     # [B, K] rewards with weights c_k equal the pre-combined [B] rewards
@@ -164,6 +164,11 @@ def test_upo_limits_and_options(golden_batch):
     )
     combined = losses.get("upo", aux_weights=[0.25, 0.75])(**multi)
     assert combined.loss.item() == pytest.approx(losses.get("upo")(**inputs).loss.item(), abs=1e-12)
+    # the weights are normalised: [1, 1] is [0.5, 0.5] is the default, and the scale of r_aux does not grow with K
+    halves = losses.get("upo", aux_weights=[0.5, 0.5])(**multi).loss.item()
+    assert losses.get("upo", aux_weights=[1, 1])(**multi).loss.item() == pytest.approx(halves, abs=1e-15)
+    assert losses.get("upo")(**multi).loss.item() == pytest.approx(halves, abs=1e-15)
+    assert halves == pytest.approx(losses.get("upo")(**inputs).loss.item(), abs=1e-12)
     assert "aux/1/mean" in combined.metrics
     # batch-mean baseline: centre = mean of all six rewards = 1/6
     batch_mean = losses.get("upo", baseline="batch_mean")(**inputs)
@@ -176,6 +181,30 @@ def test_upo_limits_and_options(golden_batch):
     aux_grad = chosen.grad - simpo_chosen.grad
     expected = [-math.exp(a) / (2 * 3 * n) for a, n in zip([0.5, 0.0, 2.0], [5, 10, 3], strict=True)]
     assert aux_grad.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_upo_expectile_baseline(golden_batch):
+    """The pair's τ_e-expectile τ_e·max + (1 − τ_e)·min: 0.5 is the pair mean; τ_e → 1 centres on the better one."""
+    inputs = dict(golden_batch, aux_rewards_chosen=t(1.0, 0.0, 2.0), aux_rewards_rejected=t(0.0, 0.0, -2.0))
+    mean = losses.get("upo", alpha=1.0)(**inputs)
+    half = losses.get("upo", alpha=1.0, baseline="pair_expectile", expectile=0.5)(**inputs)
+    assert half.per_example.tolist() == pytest.approx(mean.per_example.tolist(), abs=1e-15)
+    high = losses.get("upo", alpha=1.0, baseline="pair_expectile", expectile=0.75)(**inputs)
+    # pair 0: rewards (1, 0): b = 0.75, advantages (0.25, −0.75)
+    assert high.metrics["aux/advantage_mean"].item() == pytest.approx((0.25 - 0.75 + 0 + 0 + 1.0 - 3.0) / 6)
+    with pytest.raises(losses.HyperParameterError, match="expectile"):
+        losses.get("upo", baseline="pair_expectile", expectile=1.0)
+    with pytest.raises(losses.HyperParameterError, match="aux_weights"):
+        losses.get("upo", aux_weights=[0, 0])
+
+
+def test_upo_default_alpha_keeps_the_preference_term_dominant(golden_batch):
+    """α = 0.1 (default): the auxiliary term's gradient on the pair's log-probs is a tenth of α = 1's."""
+    inputs = dict(golden_batch, aux_rewards_chosen=t(1.0, 0.0, 2.0), aux_rewards_rejected=t(0.0, 0.0, -2.0))
+    assert losses.get("upo").hparams["alpha"] == 0.1
+    dpo = losses.get("dpo")(**golden_batch).loss.item()
+    one, tenth = losses.get("upo", alpha=1.0)(**inputs).loss.item(), losses.get("upo")(**inputs).loss.item()
+    assert tenth - dpo == pytest.approx((one - dpo) / 10, abs=1e-12)
 
 
 def test_upo_over_reference_free_base_needs_no_reference(golden_batch):
