@@ -8,9 +8,12 @@ decides which aspects are kept (``reward.select_top_k`` / ``reward.select_thresh
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from losses.alarm import disagreement_rates, select_aspects
+
+log = logging.getLogger("prefopt")
 
 __all__ = ["select", "format_table"]
 
@@ -37,11 +40,19 @@ def select(reward_cfg, source, reference, scorer) -> dict[str, Any]:
     n_decided = decided.sum().clamp(min=1)
     tied = {name: float((decided & (v[0::2] == v[1::2])).sum() / n_decided) for name, v in aspects.items()}
     max_tied = float(reward_cfg.get("select_max_tied", 1.0))
-    eligible = {name: rate for name, rate in rates.items() if tied[name] <= max_tied}
+    configured = {str(k): float(v) for k, v in (reward_cfg.get("weights") or {}).items()}
+    switched_off = {name for name, weight in configured.items() if weight == 0}  # never brought back by selection
+    eligible = {name: rate for name, rate in rates.items() if tied[name] <= max_tied and name not in switched_off}
     top_k, threshold = reward_cfg.get("select_top_k"), reward_cfg.get("select_threshold")
     selected = select_aspects(eligible, threshold=threshold, top_k=None if top_k is None else int(top_k))
-    configured = {str(k): float(v) for k, v in (reward_cfg.get("weights") or {}).items()}
-    weights = {name: (configured.get(name) or 1.0) if name in selected else 0.0 for name in scorer.aspects}
+    weights = {name: configured.get(name, 1.0) if name in selected else 0.0 for name in scorer.aspects}
+    if not selected:
+        log.warning(
+            "reward selection kept no aspect (%s): training on the holistic reward alone",
+            "none is eligible: each is switched off or tied on more than select_max_tied of the decided pairs"
+            if not eligible
+            else "none passes select_threshold",
+        )
     return {
         "rates": rates,
         "tied": tied,

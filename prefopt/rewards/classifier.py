@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prefopt.config import ConfigError
 from prefopt.rewards.base import Reward, register_reward
 
 
@@ -66,9 +67,18 @@ class ClassifierReward(Reward):
                 raise ValueError("classifier: pass `tokenizer` when `model` is a model object")
             tokenizer = model
         if is_path:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                os.fspath(model), local_files_only=local_files_only, trust_remote_code=False
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                os.fspath(model), local_files_only=local_files_only, trust_remote_code=False, output_loading_info=True
             )
+            if info.get("missing_keys"):  # e.g. a causal LM, or an UltraRM-style `regression_head` instead of `score`
+                unused = sorted(info.get("unexpected_keys") or [])
+                raise ConfigError(
+                    f"classifier: {os.fspath(model.name_or_path)} has no weights for "
+                    f"{', '.join(sorted(info['missing_keys'])[:4])}: its classification head would be initialised at "
+                    "random and score noise"
+                    + (f"; the checkpoint's unused weights include {', '.join(unused[:4])}" if unused else "")
+                    + " (save it as an AutoModelForSequenceClassification with its head named as transformers expects)"
+                )
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(
                 os.fspath(tokenizer), local_files_only=local_files_only, trust_remote_code=False

@@ -144,3 +144,26 @@ def test_classifier_yaml_builds_with_the_model_overridden(checkpoint):
     assert isinstance(reward, ClassifierReward) and reward.name == "classifier" and reward.label == 1
     expected = get_reward("classifier", model=str(checkpoint))(PROMPTS, COMPLETIONS)
     torch.testing.assert_close(reward(PROMPTS, COMPLETIONS), expected)
+
+
+def test_a_checkpoint_without_its_head_is_refused(tmp_path):
+    """A model saved without a sequence-classification head (a causal LM, or an UltraRM-style `regression_head`) would
+    get a freshly initialised `score` head: random scores. One line says so instead."""
+    from transformers import LlamaForCausalLM
+
+    from prefopt.config import ConfigError
+
+    tokenizer = _tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"has no weights for score\.weight: its classification head would be"):
+        ClassifierReward(tmp_path)
