@@ -1,8 +1,11 @@
 """ALaRM hierarchical rewards and consistency-based reward selection (Lai et al. 2024, arXiv 2403.06754).
 
-Exact to the authors' released code (halfrot/ALaRM @ f5b3cf8d: long-form-QA/train_ppo.py, MT/train_ppo.py,
-eval/eval_compare.py; Lai et al. 2024, arXiv 2403.06754). Pure tensor functions; the online trainer composes
-them with reward models.
+The reward arithmetic and the selection statistic equal the authors' released code (halfrot/ALaRM @ f5b3cf8d:
+long-form-QA/train_ppo.py, MT/train_ppo.py, eval/eval_compare.py). That is the reward, not the training signal behind
+the paper's numbers: their PPO trainer left-pads each response's token rewards while responses are right-padded, so
+for responses shorter than the batch's longest the aspect rewards land on the wrong tokens and the last-token
+holistic term on padding. Here every response's values stay aligned to its own tokens (its last real token carries
+the holistic term). Pure tensor functions; the online trainer composes them with reward models.
 
 Hierarchical reward of one response with T tokens (token-level vector R, returned as R and its sum):
 

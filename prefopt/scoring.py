@@ -59,8 +59,12 @@ class AlarmScorer:
 
     The holistic reward is z-normalised with a mean and std estimated on reference samples before training (or
     given as ``holistic_mean`` / ``holistic_std``). Each aspect with a non-zero weight contributes either per-token
-    values (``token_level`` aspects: the reward's ``token_scores``, raw, like ALaRM's grammar aspect) or one value on
-    the last token: its sequence score z-normalised with reference statistics (like ALaRM's readability aspect).
+    values (``token_level`` aspects: the reward's ``token_scores``, like ALaRM's grammar aspect) or one value on the
+    last token (sequence-level, like ALaRM's readability and completeness aspects). How each aspect's values are
+    normalised is ``normalize.<aspect>``: ``mode`` ``fit`` (z-score with mean and std estimated on reference samples;
+    the default for sequence-level aspects), ``fixed`` (z-score with the given ``mean`` and ``std``) or ``none``
+    (raw; the default for token-level aspects), then ``scale`` · value + ``bias`` (1 and 0 by default) — so the
+    authors' fixed constants (e.g. completeness × 0.3 + bias, raw language confidence) can be written down.
     """
 
     def __init__(self, cfg: Mapping[str, Any]):
@@ -78,9 +82,47 @@ class AlarmScorer:
             raise ConfigError(f"reward.weights / reward.token_level name unknown aspect(s): {', '.join(unknown)}")
         self.weights = weights
         self.token_level = set(cfg.get("token_level") or [])
+        self.normalize = {
+            name: self._normalization(name, (cfg.get("normalize") or {}).get(name)) for name in self.aspects
+        }
+        unknown = sorted(set(cfg.get("normalize") or {}) - set(self.aspects))
+        if unknown:
+            raise ConfigError(f"reward.normalize names unknown aspect(s): {', '.join(unknown)}")
         self.stats: dict[str, tuple[float, float]] = {}
         if cfg.get("holistic_mean") is not None and cfg.get("holistic_std") is not None:
             self.stats["holistic"] = (float(cfg["holistic_mean"]), float(cfg["holistic_std"]))
+
+    def _normalization(self, name: str, spec: Mapping[str, Any] | None) -> dict[str, Any]:
+        spec = dict(spec or {})
+        unknown = sorted(set(spec) - {"mode", "mean", "std", "scale", "bias"})
+        if unknown:
+            raise ConfigError(
+                f"reward.normalize.{name} has no key {', '.join(unknown)}; valid: mode, mean, std, scale, bias"
+            )
+        mode = spec.get("mode", "none" if name in self.token_level else "fit")
+        if mode not in ("fit", "fixed", "none"):
+            raise ConfigError(f"reward.normalize.{name}.mode must be fit, fixed or none, got {mode!r}")
+        if mode == "fit" and name in self.token_level:
+            raise ConfigError(f"reward.normalize.{name}: a token-level aspect is normalised fixed or none, not fit")
+        if mode == "fixed" and (spec.get("mean") is None or not spec.get("std")):
+            raise ConfigError(f"reward.normalize.{name}: mode fixed needs mean and a non-zero std")
+        return {
+            "mode": mode,
+            "mean": spec.get("mean"),
+            "std": spec.get("std"),
+            "scale": float(spec.get("scale", 1.0)),
+            "bias": float(spec.get("bias", 0.0)),
+        }
+
+    def _normalized(self, name: str, values: Tensor) -> Tensor:
+        """``scale`` · (z-scored or raw ``values``) + ``bias`` as ``normalize.<name>`` says."""
+        spec = self.normalize[name]
+        if spec["mode"] == "fit":
+            mean, std = self._stat(name)
+            values = (values - mean) / std
+        elif spec["mode"] == "fixed":
+            values = (values - float(spec["mean"])) / float(spec["std"])
+        return spec["scale"] * values + spec["bias"]
 
     @property
     def active(self) -> dict[str, float]:
@@ -119,11 +161,10 @@ class AlarmScorer:
             if name in self.token_level:
                 token = reward.token_scores(prompts, texts, pieces)
                 for row, (v, a) in enumerate(zip(token.values, token.assigned, strict=True)):
-                    grid[row, : v.numel()], mask[row, : a.numel()] = v.float(), a.bool()
+                    grid[row, : v.numel()], mask[row, : a.numel()] = self._normalized(name, v.float()), a.bool()
             else:
-                mean, std = self._stat(name)
                 last = torch.tensor([max(len(p), 1) - 1 for p in pieces])
-                grid[torch.arange(n), last] = (raw[name] - mean) / std
+                grid[torch.arange(n), last] = self._normalized(name, raw[name])
                 mask[torch.arange(n), last] = True
             values[name], assigned[name] = grid, mask
         return values, assigned, raw

@@ -265,3 +265,49 @@ def test_online_training_under_two_processes(tmp_path, cache_dir):
     assert [x["step"] for x in logged if "loss" in x] == [1, 2, 3]
     assert [x["step"] for x in logged if "eval/reward/mean" in x] == [0, 3]
     assert (tmp_path / "two" / "reward_selection.json").exists()
+
+
+def _alarm(normalize: dict) -> AlarmScorer:
+    return AlarmScorer(
+        {
+            "name": "alarm",
+            "holistic": {"name": "length"},
+            "aspects": {"completeness": {"name": "length"}, "concise": {"name": "conciseness"}},
+            "weights": {"completeness": 1.0, "concise": 1.0},
+            "token_level": [],
+            "normalize": normalize,
+            "mode": "weighted_sum",
+            "threshold": 0.5,
+            "holistic_weight": 3.0,
+            "sigmoid_shaping": False,
+            "min_tokens": 0,
+            "holistic_mean": 0.0,
+            "holistic_std": 1.0,
+        }
+    )
+
+
+def test_alarm_aspects_with_fixed_or_no_normalisation():
+    """normalize.<aspect>: fixed statistics (e.g. the authors' completeness x 0.3 + bias) or raw values, then scale
+    and bias, on the last token of a sequence-level aspect; the default fits statistics on reference samples."""
+    prompts, texts = ["p", "p"], ["one two three", "one two three four five"]
+    pieces = [["one", " two", " three"], ["one", " two", " three", " four", " five"]]
+    scorer = _alarm(
+        {
+            "completeness": {"mode": "fixed", "mean": 4.0, "std": 2.0, "scale": 0.3, "bias": 0.1},
+            "concise": {"mode": "none", "scale": 2.0},
+        }
+    )
+    values, assigned, raw = scorer._aspect_tensors(prompts, texts, pieces, width=5)
+    assert values["completeness"][0, 2].item() == pytest.approx(0.3 * (3 - 4) / 2 + 0.1)
+    assert values["completeness"][1, 4].item() == pytest.approx(0.3 * (5 - 4) / 2 + 0.1)
+    assert values["concise"][:, -1].tolist() == pytest.approx([0.0, 2.0 * -5])  # row 0's last token is index 2
+    assert values["concise"][0, 2].item() == pytest.approx(2.0 * -3)
+    assert assigned["completeness"].sum().item() == 2
+    fitted = _alarm({})
+    fitted.fit(prompts, texts, pieces)  # mean 4, std 1 on these two samples
+    assert fitted._aspect_tensors(prompts, texts, pieces, width=5)[0]["completeness"][1, 4].item() == pytest.approx(1)
+    with pytest.raises(ConfigError, match="mode fixed needs mean and a non-zero std"):
+        _alarm({"completeness": {"mode": "fixed"}})
+    with pytest.raises(ConfigError, match="normalize names unknown aspect"):
+        _alarm({"nope": {"mode": "none"}})
