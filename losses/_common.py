@@ -115,15 +115,16 @@ def reference_metrics(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
 ) -> dict[str, Tensor]:
-    """Metrics of a loss with a reference: implicit rewards ``βρ`` (TRL names) and the offline log-ratios ``kl/*``
-    (README "Reliability")."""
+    """Metrics of a loss with a reference: implicit rewards ``βρ`` (TRL names) and the mean log-ratios
+    ``logratio/{chosen,rejected}`` = mean log π_θ(y)/π_ref(y) over the pairs' completions (not a KL: negative when the
+    policy moves mass away from the data)."""
     chosen_logratios = (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_logratios = (policy_rejected_logps - ref_rejected_logps).detach()
     metrics = pair_metrics(
         beta * chosen_logratios, beta * rejected_logratios, policy_chosen_logps.detach(), policy_rejected_logps.detach()
     )
-    metrics["kl/chosen"] = chosen_logratios.mean()
-    metrics["kl/rejected"] = rejected_logratios.mean()
+    metrics["logratio/chosen"] = chosen_logratios.mean()
+    metrics["logratio/rejected"] = rejected_logratios.mean()
     return metrics
 
 

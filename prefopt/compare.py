@@ -18,7 +18,11 @@ that run's aggregate; a group where no run has it gets a blank cell.
 Writes to ``--out`` (default ``compare/``): ``compare.md`` (the Markdown table, also printed), ``compare.csv``,
 ``frontier.png`` (``--y`` against ``--x``, one series per method over the parameter values, error bars over seeds,
 points annotated with the parameter) and ``curves.png`` (``--y`` against the step from the evaluation lines, one line
-per (method, parameter), and the train metric ``--curve`` against the step). Exit code 2 with one line
+per (method, parameter), and the train metric ``--curve`` against the step). Unless given, the plotted metrics are
+chosen from what every run logged: sampled gold reward against sampled KL where runs sampled, else reward accuracy
+against the chosen completions' log-prob; the train curve is the online reward, else the reward accuracy, and the raw
+loss only when every run trains the same loss (losses of different methods have different scales). Exit code 2 with
+one line
 ``prefopt-compare: error: ...`` when an argument is missing or holds no run.
 
 From Python: ``rows = prefopt.compare.compare(["runs/"], out="compare")`` (plain dicts, one per group).
@@ -432,6 +436,30 @@ class Comparison:
     table: str = ""
 
 
+# What to plot when not told, first choice first: sampled gold reward against sampled KL (online runs, sample_eval,
+# the recipes); otherwise what every offline run logs and means the same for every loss (reward accuracy against the
+# chosen completions' log-prob); the train curve: the reward being optimised, else the reward accuracy, and the raw
+# loss only when every run trains the same loss (losses of different methods live on different scales).
+X_CHOICES = ("eval/kl", "eval/logps/chosen")
+Y_CHOICES = ("eval/reward/mean", "eval/rewards/accuracies")
+CURVE_CHOICES = ("online/reward/mean", "rewards/accuracies")
+
+
+def pick_metrics(runs: Sequence[Run], x: str | None, y: str | None, curve: str | None) -> tuple[str, str, str | None]:
+    """``x``, ``y`` and ``curve``, each the one given or the first of its choices that every run logged."""
+
+    def everywhere(name: str, lines: str) -> bool:
+        return all(any(name in line for line in getattr(run, lines)) for run in runs)
+
+    x = x or next((m for m in X_CHOICES if everywhere(m, "evals")), X_CHOICES[0])
+    y = y or next((m for m in Y_CHOICES if everywhere(m, "evals")), Y_CHOICES[0])
+    if curve is None:
+        one_loss = len({lookup(run.config, "loss.name") for run in runs}) == 1
+        choices = (*CURVE_CHOICES, "loss") if one_loss else CURVE_CHOICES
+        curve = next((m for m in choices if everywhere(m, "train")), None)
+    return x, y, curve or None
+
+
 def run_comparison(
     run_dirs: Sequence[str | Path],
     *,
@@ -439,16 +467,18 @@ def run_comparison(
     param: str = "loss.beta",
     metrics: Sequence[str] | None = None,
     out: str | Path | None = None,
-    x: str = "eval/kl",
-    y: str = "eval/reward/mean",
-    curve: str | None = "loss",
+    x: str | None = None,
+    y: str | None = None,
+    curve: str | None = None,
     depth: int = 2,
 ) -> Comparison:
-    """Find, load, aggregate; write the outputs when ``out`` is given. Raises ``CompareError`` on user errors."""
+    """Find, load, aggregate; write the outputs when ``out`` is given. ``x``, ``y`` and ``curve`` default to what the
+    runs logged (:func:`pick_metrics`); ``curve=""`` draws no train curve. Raises ``CompareError`` on user errors."""
     if not run_dirs:
         raise CompareError("give at least one run dir or sweep dir")
     paths, skipped = find_runs(run_dirs, depth=depth)
     runs = [load_run(p) for p in paths]
+    x, y, curve = pick_metrics(runs, x, y, curve)
     metrics = list(metrics) if metrics else default_metrics(runs)
     rows = aggregate(runs, group=group, param=param, metrics=metrics)
     result = Comparison(rows, runs, skipped, metrics)
@@ -497,9 +527,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics", default=None, help="comma-separated final metrics for the table (default: every eval/* key)"
     )
-    parser.add_argument("--x", default="eval/kl", help="frontier x metric (eval/kl)")
-    parser.add_argument("--y", default="eval/reward/mean", help="frontier y metric and eval curve (eval/reward/mean)")
-    parser.add_argument("--curve", default="loss", help="train metric of the right curves panel (loss; '' = none)")
+    parser.add_argument("--x", default=None, help="frontier x metric (eval/kl, else eval/logps/chosen)")
+    parser.add_argument(
+        "--y", default=None, help="frontier y metric and eval curve (eval/reward/mean, else eval/rewards/accuracies)"
+    )
+    parser.add_argument(
+        "--curve",
+        default=None,
+        help="train metric of the right curves panel (online/reward/mean, else rewards/accuracies; '' = none)",
+    )
     parser.add_argument("--out", default="compare", help="output dir (compare/)")
     parser.add_argument("--depth", type=int, default=2, help="levels searched below each argument for runs (2)")
     return parser
@@ -523,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             x=args.x,
             y=args.y,
-            curve=args.curve or None,
+            curve=args.curve,
             depth=args.depth,
         )
     except CompareError as error:

@@ -193,3 +193,26 @@ def test_compares_real_training_runs(tmp_path):
         assert row["seconds"] == pytest.approx(json.loads((run.path / "summary.json").read_text())["seconds"])
     assert result.warnings == []
     assert all((out / name).stat().st_size > 0 for name in ("compare.md", "compare.csv", "frontier.png", "curves.png"))
+
+
+def test_a_first_sweep_without_sampling_plots_comparable_metrics(tmp_path):
+    """``prefopt-train -m loss=dpo,ipo`` then ``prefopt-compare``: no run sampled, so the frontier and curves use what
+    every run logged and means the same for every loss, never raw losses of different methods on one axis."""
+    from .test_trainer import TINY
+
+    for name in ("dpo", "ipo"):
+        cfg = prefopt.compose(
+            [*TINY, f"cache_dir={tmp_path}/c", f"loss={name}", "trainer.max_steps=2", "trainer.eval_every=2"]
+        )
+        prefopt.fit(cfg, run_dir=tmp_path / "sweep" / name)
+    runs = [cmp.load_run(tmp_path / "sweep" / name) for name in ("dpo", "ipo")]
+    assert cmp.pick_metrics(runs, None, None, None) == (
+        "eval/logps/chosen",
+        "eval/rewards/accuracies",
+        "rewards/accuracies",
+    )
+    assert (
+        cmp.pick_metrics(runs[:1], None, None, None)[2] == "rewards/accuracies"
+    )  # accuracy first, loss as last resort
+    result = cmp.run_comparison([tmp_path / "sweep"], out=tmp_path / "compare")
+    assert not any(w.startswith("frontier: no final") for w in result.warnings), result.warnings
