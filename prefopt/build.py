@@ -36,6 +36,7 @@ from prefopt.settings import (
     DataSettings,
     ReferenceSettings,
     RegularizationSettings,
+    SftDataSettings,
     TrainerSettings,
 )
 from prefopt.sources import OfflineSource, OnlineSource, unique_prompts
@@ -58,6 +59,7 @@ class Settings:
     trainer: TrainerSettings
     reference: ReferenceSettings
     regularization: RegularizationSettings
+    sft_data: SftDataSettings
     reward: dict[str, Any] | None
     aux_rewards: tuple[str, ...]
     cache_dir: Path
@@ -74,6 +76,7 @@ def read_settings(cfg: Any) -> Settings:
         trainer=TrainerSettings.from_mapping(resolved["trainer"]),
         reference=ReferenceSettings.from_mapping(resolved.get("reference")),
         regularization=RegularizationSettings.from_mapping(resolved.get("regularization")),
+        sft_data=SftDataSettings.from_mapping(resolved.get("sft_data")),
         reward=resolved.get("reward"),
         aux_rewards=tuple(resolved.get("aux_rewards") or ()),
         cache_dir=Path(str(resolved.get("cache_dir") or "~/.cache/prefopt")).expanduser(),

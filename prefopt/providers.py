@@ -36,6 +36,7 @@ from prefopt.cache import cache_key, cached, load_tensors, save_tensors, sequenc
 from prefopt.config import ConfigError
 from prefopt.generation import sample_completions
 from prefopt.reference import Reference, logps_of
+from prefopt.warm_start import sft_examples
 
 __all__ = [
     "MicroBatch",
@@ -195,18 +196,15 @@ def _reference(ctx: ProviderContext) -> Provider:
 
 
 # ----------------------------------------------------------------------------------------------- regularisation
-class RegularizationPool(Provider):
-    """MPO's regularisation data: completions sampled from the reference policy before training, with their
-    reference log-probs. Each training micro-batch adds ``batch_ratio`` of them per pair to the policy forward,
-    drawn **without replacement within an epoch of the pool** (a seeded permutation per epoch; the position of a draw
-    is a pure function of step, micro-batch and process, so a resumed run draws the same ones). Evaluation draws at
-    random (seeded by step and micro-batch)."""
-
-    names = ("reg_logps", "reg_lengths", "reg_ref_logps")
+class EpochDraws:
+    """Draws from a fixed list of sequences for each micro-batch, ``ratio`` per item: training micro-batches take
+    consecutive positions of a seeded permutation per pass over the list (so without replacement within a pass,
+    disjoint across processes and accumulation steps, and a pure function of step, micro-batch and process, so a
+    resumed run draws the same ones); evaluation micro-batches (negative index) draw at random, seeded likewise."""
 
     def __init__(
         self,
-        pool: list[dict],
+        items: list[dict],
         *,
         ratio: float,
         seed: int,
@@ -214,15 +212,40 @@ class RegularizationPool(Provider):
         accumulation: int = 1,
         rank: int = 0,
         world: int = 1,
-        draws: int = 0,
-        max_reuse: float = 4.0,
     ):
+        self.items, self.ratio, self.seed, self.per_micro = items, ratio, seed, per_micro
+        self.accumulation, self.rank, self.world = accumulation, rank, world
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * epoch + 17)
+            self._orders = {epoch: torch.randperm(len(self.items), generator=generator).tolist()}
+        return self._orders[epoch]
+
+    def __call__(self, micro: MicroBatch) -> list[dict]:
+        count = max(1, round(self.ratio * len(micro.items)))
+        if micro.index < 0:  # evaluation
+            rng = random.Random(f"{self.seed}/{micro.step}/{micro.index}")
+            return [self.items[rng.randrange(len(self.items))] for _ in range(count)]
+        start = ((micro.step * self.accumulation + micro.index) * self.world + self.rank) * self.per_micro
+        size = len(self.items)
+        return [self.items[self._order(p // size)[p % size]] for p in range(start, start + count)]
+
+
+class RegularizationPool(Provider):
+    """MPO's regularisation data: completions sampled from the reference policy before training, with their
+    reference log-probs. Each training micro-batch adds ``batch_ratio`` of them per pair to the policy forward,
+    drawn without replacement within each pass over the pool (:class:`EpochDraws`)."""
+
+    names = ("reg_logps", "reg_lengths", "reg_ref_logps")
+    KL_WINDOW, KL_MARGIN = 10, 0.1  # steps averaged; nats below 0 that are not sampling noise
+
+    def __init__(self, pool: list[dict], *, draws: int = 0, max_reuse: float = 4.0, **draw: Any):
         if not pool:
             raise ConfigError("no regularisation samples were generated (every sample was empty)")
-        self.pool, self.ratio, self.seed, self.per_micro = pool, ratio, seed, per_micro
-        self.accumulation, self.rank, self.world = accumulation, rank, world
-        self.draws, self.max_reuse = draws, max_reuse
-        self._orders: dict[int, list[int]] = {}
+        self.pool, self.draws, self.max_reuse = pool, draws, max_reuse
+        self.draw = EpochDraws(pool, **draw)
         self._warned, self._recent = False, []
         reuse = draws / len(pool)
         log.info(
@@ -238,26 +261,12 @@ class RegularizationPool(Provider):
                 max_reuse,
             )
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * epoch + 17)
-            self._orders = {epoch: torch.randperm(len(self.pool), generator=generator).tolist()}
-        return self._orders[epoch]
-
     def sequences(self, micro: MicroBatch) -> list[dict]:
-        count = max(1, round(self.ratio * len(micro.items)))
-        if micro.index < 0:  # evaluation
-            rng = random.Random(f"{self.seed}/{micro.step}/{micro.index}")
-            return [self.pool[rng.randrange(len(self.pool))] for _ in range(count)]
-        start = ((micro.step * self.accumulation + micro.index) * self.world + self.rank) * self.per_micro
-        size = len(self.pool)
-        return [self.pool[self._order(p // size)[p % size]] for p in range(start, start + count)]
+        return self.draw(micro)
 
     def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
         reference = torch.tensor([s["ref_logps"] for s in own.rows], device=own.logps.device)
         return {"reg_logps": own.logps, "reg_lengths": own.lengths, "reg_ref_logps": reference}
-
-    KL_WINDOW, KL_MARGIN = 10, 0.1  # steps averaged; nats below 0 that are not sampling noise
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Warn once when the forward-KL estimate on the drawn samples (``*kl_fwd_est``), averaged over the last
@@ -368,6 +377,51 @@ def _regularization(ctx: ProviderContext) -> Provider:
         world=ctx.world,
         draws=draws,
         max_reuse=settings.max_reuse,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- SFT data
+class SftSequences(Provider):
+    """Supervised sequences (``sft_data``) joined to each training micro-batch, ``batch_ratio`` per pair, drawn
+    without replacement within each pass (:class:`EpochDraws`); the policy's log-probs of them are ``sft_logps``
+    (MPO's ``ptx_weight`` NLL term)."""
+
+    names = ("sft_logps", "sft_lengths")
+
+    def __init__(self, rows: list[dict], **draw: Any):
+        if not rows:
+            raise ConfigError("sft_data gave no sequences")
+        self.draw = EpochDraws(rows, **draw)
+
+    def sequences(self, micro: MicroBatch) -> list[dict]:
+        return self.draw(micro)
+
+    def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
+        return {"sft_logps": own.logps, "sft_lengths": own.lengths}
+
+
+@register_provider("sft_data", SftSequences.names)
+def _sft_data(ctx: ProviderContext) -> Provider:
+    settings, tcfg = ctx.settings.sft_data, ctx.settings.trainer
+    if settings.source == "chosen":
+        rows = [{"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids"]} for e in ctx.data.train]
+    else:
+        data = ctx.settings.data
+        rows = sft_examples(
+            ctx.tokenizer,
+            n_rows=settings.n_rows,
+            seed=settings.seed,
+            max_length=data.max_length,
+            max_prompt_length=data.max_prompt_length,
+        )
+    return SftSequences(
+        rows,
+        ratio=settings.batch_ratio,
+        seed=ctx.seed + 1,  # a draw order of its own
+        per_micro=max(1, round(settings.batch_ratio * tcfg.micro_batch_size)),
+        accumulation=tcfg.batch_size // (tcfg.micro_batch_size * ctx.world),
+        rank=ctx.rank,
+        world=ctx.world,
     )
 
 

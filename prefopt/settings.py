@@ -22,6 +22,7 @@ __all__ = [
     "ReferenceSettings",
     "RegularizationSettings",
     "DataSettings",
+    "SftDataSettings",
     "Resume",
     "parse_resume",
 ]
@@ -220,6 +221,22 @@ class RegularizationSettings(_FromMapping):
             )
         if not self.batch_ratio > 0:
             raise ConfigError(f"regularization.batch_ratio must be > 0, got {self.batch_ratio}")
+
+
+@dataclass(frozen=True)
+class SftDataSettings(_FromMapping):
+    """``sft_data``: supervised sequences for losses that declare ``sft_logps`` (MPO's ``ptx_weight`` term)."""
+
+    GROUP = "sft_data"
+    source: str = "chosen"  # chosen (the train pairs' chosen completions) | synthetic (the embedded SFT corpus)
+    batch_ratio: float = 1.0  # SFT sequences per preference pair in each forward
+    n_rows: int = 2000  # synthetic: pairs whose two completions are SFT targets
+    seed: int = 1000  # synthetic: its data stream (as model.sft)
+
+    def validate(self) -> None:
+        _one_of(self.GROUP, "source", self.source, ("chosen", "synthetic"))
+        if not self.batch_ratio > 0:
+            raise ConfigError(f"sft_data.batch_ratio must be > 0, got {self.batch_ratio}")
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,20 @@ def test_the_trainer_pools_one_sample_per_pair_without_deduplicating_prompts(tmp
     assert summary["regularization_pool"] >= 48  # data.n_train=48 pairs over far fewer distinct prompts
     assert summary["regularization_reuse"] == pytest.approx(16 / summary["regularization_pool"], abs=1e-3)
     assert all(line["mpo/ess"] == pytest.approx(2.0, abs=1e-6) for line in metrics(summary)[:1])  # σ(0) at start
+
+
+def test_mpo_sft_term_is_fed_from_a_data_source(tmp_path):
+    """ptx_weight > 0: MPO's second NLL term reads sft_data (the train pairs' chosen completions by default, or the
+    embedded SFT corpus) through its provider, instead of stopping on a missing input."""
+    for source in ("chosen", "synthetic"):
+        summary = run(
+            tmp_path / source,
+            tmp_path / "c",
+            "loss=mpo",
+            "loss.ptx_weight=0.5",
+            f"sft_data.source={source}",
+            "sft_data.n_rows=40",
+            "trainer.max_steps=2",
+        )
+        lines = [line for line in metrics(summary) if "loss" in line]
+        assert all(line["mpo/ptx_nll"] > 0 for line in lines), lines
