@@ -25,6 +25,7 @@ __all__ = [
     "token_mean",
     "require_lengths",
     "smoothed_logistic",
+    "expectile",
 ]
 
 
@@ -132,3 +133,20 @@ def reference_output(per_example: Tensor, beta: float, logps: tuple[Tensor, Tens
     """The output of a pairwise loss with a reference; ``logps`` = (policy chosen, policy rejected, ref chosen,
     ref rejected), each [B] summed."""
     return LossOutput(per_example.mean(), per_example, reference_metrics(beta, *logps))
+
+
+def expectile(values: Tensor, tau: float, iterations: int = 100) -> Tensor:
+    """The τ-expectile of ``values`` (1-D): the m minimising Σ |τ − 1{x < m}|·(x − m)², i.e. τ·Σ_{x>m}(x − m) =
+    (1 − τ)·Σ_{x<m}(m − x); τ = 0.5 is the mean. Iteratively reweighted means, exact once the sides stop changing."""
+    if values.numel() == 0:
+        raise LossError("expectile of an empty set")
+    m = values.mean()
+    for _ in range(iterations):
+        weights = torch.where(
+            values > m, torch.as_tensor(tau, dtype=values.dtype), torch.as_tensor(1 - tau, dtype=values.dtype)
+        )
+        new = (weights * values).sum() / weights.sum()
+        if bool(new == m):
+            break
+        m = new
+    return m

@@ -81,6 +81,8 @@ def _base_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
 def _requires(hparams: Mapping[str, Any]) -> Requirements:
     base = get(hparams["base"], **_base_hparams(hparams)).requirements
     inputs = [*base.inputs, *_AUX]
+    if hparams["baseline"] == "prompt_expectile":
+        inputs.append("aux_values")
     if hparams["aux_length_normalize"]:
         inputs += [n for n in LENGTH_INPUTS if n not in inputs]
     optional = tuple(n for n in base.optional_inputs if n not in inputs)
@@ -122,7 +124,7 @@ def _check_aux_weights(name: str, value: Any) -> None:
         "alpha": non_negative,
         "temperature": positive,
         "weight_clip": positive,
-        "baseline": one_of("pair_mean", "pair_expectile", "batch_mean"),
+        "baseline": one_of("pair_mean", "pair_expectile", "prompt_expectile", "batch_mean"),
         "expectile": in_range(0.0, 1.0, low_open=True, high_open=True),
         "aux_weights": _check_aux_weights,
     },
@@ -157,8 +159,10 @@ def upo_loss(
 
     * ``alpha`` α (0.1): the auxiliary weight; it couples with the base's β (module docstring);
     * baselines ``b``: ``pair_mean`` (mean r_aux of the pair, default), ``pair_expectile`` (the pair's ``expectile``
-      τ_e: τ_e·max + (1 − τ_e)·min; 0.5 = ``pair_mean``) or ``batch_mean`` (over all 2B completions); the pair
-      baselines double the effective temperature (module docstring);
+      τ_e: τ_e·max + (1 − τ_e)·min; 0.5 = ``pair_mean``), ``prompt_expectile`` (``aux_values`` [B]: a value V(x) of
+      the pair's prompt fit by expectile regression at τ_e on the training completions — the paper's value-baseline
+      option; the trainer's provider fits it exactly, one value per prompt) or ``batch_mean`` (over all 2B
+      completions); the pair baselines double the effective temperature (module docstring);
     * ``aux_weights`` c_k, normalised to sum to 1 (null: equal);
     * ``temperature`` τ (1.0; spec suggests τ = β, which with z-scored rewards clips most weights at w_max),
       ``weight_clip`` w_max (20), ``self_normalize`` divides the weights by their batch mean;
@@ -168,6 +172,7 @@ def upo_loss(
     ``aux/<k>/mean`` per component, ``aux/advantage_{mean,std}``, ``aux/weight_{mean,max}``, ``aux/weight_ess``
     ((Σw)²/Σw² over the 2B completions), ``aux/frac_clipped``.
     """
+    aux_values = inputs.pop("aux_values", None)  # [B] V(x): prompt_expectile's value estimate, not the base's input
     hparams = {"base": base, "beta": beta, "base_kwargs": base_kwargs}
     base_out = get(base, **_base_hparams(hparams))(
         policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps, **inputs
@@ -185,6 +190,10 @@ def upo_loss(
         elif baseline == "pair_expectile":  # τ_e-expectile of the pair {r_w, r_l}: τ_e·max + (1 − τ_e)·min
             high, low = rewards.max(dim=0, keepdim=True).values, rewards.min(dim=0, keepdim=True).values
             centre = expectile * high + (1 - expectile) * low
+        elif baseline == "prompt_expectile":  # a value V(x) fit by expectile regression, supplied per pair
+            if aux_values is None:
+                raise LossError("loss 'upo' with baseline='prompt_expectile' needs input aux_values")
+            centre = aux_values.to(dtype).reshape(1, -1)
         else:
             centre = rewards.mean()
         advantages = rewards - centre

@@ -170,6 +170,7 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         buckets=tcfg.buckets,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
+        loss=loss_fn,
     )
     factories = required + [f for f in optional if f.when_optional(ctx)]
     providers = [factory.build(ctx) for factory in factories]

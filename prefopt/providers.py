@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 import losses
+from losses._common import expectile
 from prefopt import rewards
 from prefopt.cache import cache_key, cached, load_tensors, save_tensors, sequence_key
 from prefopt.config import ConfigError
@@ -116,6 +117,7 @@ class ProviderContext:
     buckets: bool | int = True
     rank: int = 0  # this process
     world: int = 1  # processes
+    loss: Any = None  # the bound loss (its hyper-parameters, for providers whose inputs depend on them)
 
 
 @dataclass(frozen=True)
@@ -429,15 +431,21 @@ def _sft_data(ctx: ProviderContext) -> Provider:
 class AuxRewards(Provider):
     """UPO's auxiliary rewards per completion, [B, K] for chosen and rejected: the ``aux_rewards`` reward functions,
     z-normalised with statistics of the training completions only (offline: computed once over train and eval, the
-    eval split never moving the statistics) or of each draw of samples (online), looked up by content."""
+    eval split never moving the statistics) or of each draw of samples (online), looked up by content.
 
-    names = ("aux_rewards_chosen", "aux_rewards_rejected")
+    With a ``value`` setting (``(weights, tau)``: UPO's ``prompt_expectile`` baseline) it also supplies
+    ``aux_values`` [B]: per prompt, the τ-expectile of the weighted training rewards of every completion of that
+    prompt (all pairs; online: the draw's samples) — the exact minimiser of expectile regression for a value function
+    with one value per prompt; a prompt with no training completions (an eval prompt) gets its pair's expectile."""
 
-    def __init__(self, reward_names: Sequence[str], data=None):
+    names = ("aux_rewards_chosen", "aux_rewards_rejected", "aux_values")
+
+    def __init__(self, reward_names: Sequence[str], data=None, value: tuple[Any, float] | None = None):
         if not reward_names:
             raise ConfigError("the loss needs auxiliary rewards: set aux_rewards to a list of reward names")
-        self.reward_names = list(reward_names)
+        self.reward_names, self.value = list(reward_names), value
         self.table: dict[bytes, list[float]] = {}
+        self.values: dict[bytes, float] = {}
         if data is not None:
             rows = [
                 (e["prompt_ids"], e[f"{side}_ids"], e["prompt"], e[side])
@@ -456,10 +464,24 @@ class AuxRewards(Provider):
         scores = torch.where(std > 1e-8, (raw - mean) / std.clamp_min(1e-8), torch.zeros_like(raw))  # [N, K]
         for (prompt_ids, completion_ids, _, _), values in zip(rows, scores.tolist(), strict=True):
             self.table[sequence_key(prompt_ids, completion_ids)] = values
+        if self.value is not None:
+            self._fit_values(rows[: fitted_on if fitted_on is not None else len(rows)], scores.double())
+
+    def _fit_values(self, rows: list[tuple], scores: Tensor) -> None:
+        """Per prompt, the τ-expectile of the combined rewards (weights normalised to sum 1) of its rows."""
+        weights, tau = self.value
+        k = scores.shape[1]
+        w = torch.ones(k, dtype=scores.dtype) if weights is None else torch.as_tensor(list(weights), dtype=scores.dtype)
+        combined = scores[: len(rows)] @ (w / w.sum())
+        by_prompt: dict[bytes, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_prompt.setdefault(sequence_key(row[0], []), []).append(i)
+        self.values = {key: float(expectile(combined[index], tau)) for key, index in by_prompt.items()}
 
     def observe(self, sampled: dict) -> None:
         """Online: score every sample of this draw (normalised over the draw), replacing the previous draw's."""
         self.table.clear()
+        self.values.clear()
         eos = sampled["eos_token_id"]
         rows = [
             (p, c or [eos], prompt, text)
@@ -472,12 +494,24 @@ class AuxRewards(Provider):
     def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
         values = [self.table[sequence_key(r["prompt_ids"], r["completion_ids"])] for r in micro.rows]
         values = torch.tensor(values, dtype=torch.float32, device=micro.device)
-        return micro.layout.named(values, self.names, len(micro.items))
+        out = micro.layout.named(values, self.names[:2], len(micro.items))
+        if self.value is not None:  # a prompt with no training completions (eval): the expectile of its pair
+            weights, tau = self.value
+            n, k = len(micro.items), values.shape[-1]
+            w = torch.ones(k) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+            pair = (values.cpu().reshape(2, n, k) @ (w / w.sum())).double()  # [2, B] combined rewards
+            fitted = [self.values.get(sequence_key(item["prompt_ids"], [])) for item in micro.items]
+            estimates = [v if v is not None else float(expectile(pair[:, i], tau)) for i, v in enumerate(fitted)]
+            out["aux_values"] = torch.tensor(estimates, dtype=torch.float32, device=micro.device)
+        return out
 
 
 @register_provider("aux_rewards", AuxRewards.names)
 def _aux_rewards(ctx: ProviderContext) -> Provider:
-    provider = AuxRewards(ctx.settings.aux_rewards, data=None if ctx.online else ctx.data)
+    hparams = ctx.loss.hparams if ctx.loss is not None else {}
+    needs_value = ctx.loss is not None and "aux_values" in ctx.loss.requirements.inputs
+    value = (hparams.get("aux_weights"), float(hparams.get("expectile", 0.5))) if needs_value else None
+    provider = AuxRewards(ctx.settings.aux_rewards, data=None if ctx.online else ctx.data, value=value)
     if ctx.online:
         provider.on_sample = provider.observe
     return provider

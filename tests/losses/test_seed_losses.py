@@ -234,3 +234,27 @@ def test_combo_part_hyperparameters_and_shared_beta(golden_batch):
     out = losses.get("combo", parts={"ipo": {"weight": 2.0, "beta": 0.5}, "dpo": 1.0}, beta=0.2)(**golden_batch)
     expected = 2 * losses.get("ipo", beta=0.5)(**golden_batch).loss + losses.get("dpo", beta=0.2)(**golden_batch).loss
     assert out.loss.item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_upo_prompt_expectile_baseline_reads_the_value_input(golden_batch):
+    """baseline='prompt_expectile': b = aux_values (a value V(x) fit by expectile regression, one per pair); with the
+    pair means as values it is the pair_mean baseline."""
+    inputs = dict(golden_batch, aux_rewards_chosen=t(1.0, 0.0, 2.0), aux_rewards_rejected=t(0.0, 0.0, -2.0))
+    loss = losses.get("upo", alpha=1.0, baseline="prompt_expectile")
+    assert "aux_values" in loss.requirements.inputs
+    same = loss(**inputs, aux_values=t(0.5, 0.0, 0.0))
+    assert same.per_example.tolist() == pytest.approx(losses.get("upo", alpha=1.0)(**inputs).per_example.tolist())
+    high = loss(**inputs, aux_values=t(1.0, 1.0, 1.0))  # every advantage r − 1
+    assert high.metrics["aux/advantage_mean"].item() == pytest.approx((1 + 0 + 2 + 0 + 0 - 2) / 6 - 1)
+    with pytest.raises(losses.MissingInputError, match="aux_values"):
+        loss(**inputs)
+
+
+def test_expectile():
+    from losses._common import expectile
+
+    x = t(0.0, 1.0, 2.0, 10.0)
+    assert expectile(x, 0.5).item() == pytest.approx(3.25)
+    for tau in (0.1, 0.7, 0.9):
+        m = expectile(x, tau)
+        assert (tau * (x[x > m] - m).sum() - (1 - tau) * (m - x[x < m]).sum()).item() == pytest.approx(0, abs=1e-12)
