@@ -311,3 +311,34 @@ def test_alarm_aspects_with_fixed_or_no_normalisation():
         _alarm({"completeness": {"mode": "fixed"}})
     with pytest.raises(ConfigError, match="normalize names unknown aspect"):
         _alarm({"nope": {"mode": "none"}})
+
+
+def test_fixed_normalisation_equals_the_authors_completeness_arithmetic():
+    """ALaRM's long-form QA completeness aspect (halfrot/ALaRM @ f5b3cf8d, long-form-QA/my_reward.py
+    PreferenceReward.get_reward and train_ppo.py's defaults): a sequence-level score r on the last token,
+    reward_shape(((r − mean)/std)·scale + bias, sigmoid_shaping) with mean −0.44677690555995353,
+    std 8.301160619054132, scale 0.3, bias 0, zeros on the other tokens. Declared here as a sequence-level aspect with
+    normalize {mode: fixed, ...}: the same numbers."""
+    import math
+
+    from losses.alarm import shaped_aspects
+
+    mean, std, scale, bias = -0.44677690555995353, 8.301160619054132, 0.3, 0.0
+    scorer = _alarm(
+        {
+            "completeness": {"mode": "fixed", "mean": mean, "std": std, "scale": scale, "bias": bias},
+            "concise": {"mode": "none"},
+        }
+    )
+    prompts, texts = ["p", "p", "p"], ["one two three", "one two three four five", "one"]
+    pieces = [["one", " two", " three"], ["one", " two", " three", " four", " five"], ["one"]]
+    values, assigned, raw = scorer._aspect_tensors(prompts, texts, pieces, width=5)
+    for shaping in (False, True):
+        ours = shaped_aspects(
+            {"c": values["completeness"]}, {"c": assigned["completeness"]}, {"c": 1.0}, sigmoid_shaping=shaping
+        )
+        for row, (r, n) in enumerate(zip(raw["completeness"].tolist(), [3, 5, 1], strict=True)):
+            x = ((r - mean) / std) * scale + bias  # the authors' reward_shape argument
+            theirs = [0.0] * (n - 1) + [1 / (1 + math.exp(-x)) if shaping else x]
+            assert ours[row, :n].tolist() == pytest.approx(theirs, abs=1e-5)
+            assert ours[row, n:].abs().sum().item() == 0.0
