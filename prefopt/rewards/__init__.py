@@ -27,7 +27,7 @@ from prefopt.config import plain
 from prefopt.rewards.base import REWARDS, FunctionReward, Reward, TokenScores, register_reward
 from prefopt.rewards.classifier import ClassifierReward
 from prefopt.rewards.flesch import ReadabilityReward
-from prefopt.rewards.length import ConcisenessReward, LengthReward
+from prefopt.rewards.length import ConcisenessReward, ConstantReward, LengthReward
 from prefopt.rewards.lexicon import LexiconReward
 from prefopt.rewards.repetition import RepetitionReward
 from prefopt.rewards.sentiment import SentimentReward
@@ -42,6 +42,7 @@ __all__ = [
     "ConcisenessReward",
     "FunctionReward",
     "LengthReward",
+    "ConstantReward",
     "LexiconReward",
     "ReadabilityReward",
     "RepetitionReward",

@@ -33,3 +33,15 @@ class ConcisenessReward(Reward):
         if self.target is None:
             return -counts
         return -(counts - self.target).clamp_min(0.0)
+
+
+@register_reward("constant")
+class ConstantReward(Reward):
+    """The same ``value`` for every completion: a switched-off objective (e.g. UPO's designer-off control, where
+    every advantage is 0 and the auxiliary term is a plain NLL of both completions)."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = float(value)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        return torch.full((len(completions),), self.value, dtype=torch.float32)
