@@ -156,21 +156,17 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
     start = build_policy(settings, device)
     reference = _reference(settings, loss_fn, start, device, needs_model=online or tcfg.sample_eval)
     ctx = ProviderContext(
-        kind=layout.kind,
-        online=online,
+        loss=loss_fn,
         policy=start.model,
         tokenizer=start.tokenizer,
         data=start.data,
         reference=reference,
         device=device,
-        seed=tcfg.seed,
         cache_dir=settings.cache_dir,
         fingerprint=start.fingerprint,
         settings=settings,
-        buckets=tcfg.buckets,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
-        loss=loss_fn,
     )
     factories = required + [f for f in optional if f.when_optional(ctx)]
     providers = [factory.build(ctx) for factory in factories]

@@ -12,7 +12,15 @@ import torch
 
 from prefopt.memory import peak_rss_mib
 
-__all__ = ["Averager", "MetricsWriter", "reduce_mean", "peak_memory_mib", "format_summary", "postfix"]
+__all__ = [
+    "Averager",
+    "MetricsWriter",
+    "reduce_mean",
+    "peak_memory_mib",
+    "with_perf_totals",
+    "format_summary",
+    "postfix",
+]
 
 SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins", "reward/mean", "kl")
 

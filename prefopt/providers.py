@@ -8,8 +8,10 @@ groups). Every other input is supplied by a provider, chosen by :func:`plan` fro
   :class:`~prefopt.reference.Reference` (precomputed table, online memo, or live model);
 * ``regularization`` — MPO's samples from the reference policy: adds its rows to the policy forward and supplies
   ``reg_logps``, ``reg_lengths``, ``reg_ref_logps``;
+* ``sft_data`` — supervised sequences joined to the forward: ``sft_logps``, ``sft_lengths`` (MPO's ``ptx_weight``);
 * ``aux_rewards`` — UPO's auxiliary rewards ``aux_rewards_chosen`` / ``aux_rewards_rejected`` (``aux_rewards``
-  reward functions, z-normalised over the data, or over each draw of samples online).
+  reward functions, z-normalised over the training data, or over each draw of samples online) and, for its
+  ``prompt_expectile`` baseline, ``aux_values``.
 
 Adding a loss with a new input is the loss plus, at most, one provider registered with :func:`register_provider`;
 the trainer and the step stay as they are. A provider implements what it needs of :class:`Provider`:
@@ -23,7 +25,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,11 @@ __all__ = [
     "register_provider",
     "plan",
     "ReferenceInputs",
+    "EpochDraws",
     "RegularizationPool",
+    "SftSequences",
     "AuxRewards",
+    "pool_size",
 ]
 
 log = logging.getLogger("prefopt")
@@ -103,21 +108,45 @@ class Provider:
 class ProviderContext:
     """What a provider may be built from (assembled by :mod:`prefopt.build`)."""
 
-    kind: str  # "pair" | "group"
-    online: bool  # samples from the policy (trainer=online)
+    loss: losses.BoundLoss  # the loss being trained (its hyper-parameters, for inputs that depend on them)
     policy: torch.nn.Module  # the initial policy (before training)
     tokenizer: Any
-    data: Any  # prefopt.data.PreparedData
+    data: Any  # prefopt.data.prepare.PreparedData
     reference: Reference | None
     device: torch.device
-    seed: int
     cache_dir: Path
     fingerprint: str  # of the initial weights
     settings: Any  # prefopt.build.Settings
-    buckets: bool | int = True
     rank: int = 0  # this process
     world: int = 1  # processes
-    loss: Any = None  # the bound loss (its hyper-parameters, for providers whose inputs depend on them)
+
+    @property
+    def kind(self) -> str:  # "pair" | "group"
+        return self.loss.requirements.kind
+
+    @property
+    def online(self) -> bool:  # samples from the policy (trainer=online)
+        return self.settings.trainer.source == "online"
+
+    @property
+    def seed(self) -> int:
+        return self.settings.trainer.seed
+
+    @property
+    def buckets(self) -> bool | int:
+        return self.settings.trainer.buckets
+
+    def draws(self, ratio: float, seed: int) -> dict[str, Any]:
+        """:class:`EpochDraws` settings for ``ratio`` sequences per item of each of this run's micro-batches."""
+        tcfg = self.settings.trainer
+        return {
+            "ratio": ratio,
+            "seed": seed,
+            "per_micro": max(1, round(ratio * tcfg.micro_batch_size)),
+            "accumulation": tcfg.batch_size // (tcfg.micro_batch_size * self.world),
+            "rank": self.rank,
+            "world": self.world,
+        }
 
 
 @dataclass(frozen=True)
@@ -296,7 +325,8 @@ class RegularizationPool(Provider):
 
 
 def pool_size(train_pairs: int, max_steps: int, batch_size: int, batch_ratio: float) -> int:
-    """Samples the run draws at most once each: max(train pairs, max_steps x batch_size x batch_ratio)."""
+    """The default ``regularization.pool_size``: one sample per train pair, or per draw of the run when there are
+    more draws — max(train pairs, max_steps x batch_size x batch_ratio)."""
     return max(train_pairs, math.ceil(max_steps * batch_size * batch_ratio))
 
 
@@ -370,15 +400,7 @@ def _regularization(ctx: ProviderContext) -> Provider:
     draws = math.ceil(tcfg.max_steps * tcfg.batch_size * settings.batch_ratio)
     size = settings.pool_size or pool_size(len(ctx.data.train), tcfg.max_steps, tcfg.batch_size, settings.batch_ratio)
     return RegularizationPool(
-        generate_pool(ctx, size),
-        ratio=settings.batch_ratio,
-        seed=ctx.seed,
-        per_micro=max(1, round(settings.batch_ratio * tcfg.micro_batch_size)),
-        accumulation=tcfg.batch_size // (tcfg.micro_batch_size * ctx.world),
-        rank=ctx.rank,
-        world=ctx.world,
-        draws=draws,
-        max_reuse=settings.max_reuse,
+        generate_pool(ctx, size), draws=draws, max_reuse=settings.max_reuse, **ctx.draws(settings.batch_ratio, ctx.seed)
     )
 
 
@@ -404,7 +426,7 @@ class SftSequences(Provider):
 
 @register_provider("sft_data", SftSequences.names)
 def _sft_data(ctx: ProviderContext) -> Provider:
-    settings, tcfg = ctx.settings.sft_data, ctx.settings.trainer
+    settings = ctx.settings.sft_data
     if settings.source == "chosen":
         rows = [{"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids"]} for e in ctx.data.train]
     else:
@@ -416,15 +438,7 @@ def _sft_data(ctx: ProviderContext) -> Provider:
             max_length=data.max_length,
             max_prompt_length=data.max_prompt_length,
         )
-    return SftSequences(
-        rows,
-        ratio=settings.batch_ratio,
-        seed=ctx.seed + 1,  # a draw order of its own
-        per_micro=max(1, round(settings.batch_ratio * tcfg.micro_batch_size)),
-        accumulation=tcfg.batch_size // (tcfg.micro_batch_size * ctx.world),
-        rank=ctx.rank,
-        world=ctx.world,
-    )
+    return SftSequences(rows, **ctx.draws(settings.batch_ratio, ctx.seed + 1))  # a draw order of its own
 
 
 # --------------------------------------------------------------------------------------------- auxiliary rewards
@@ -459,24 +473,26 @@ class AuxRewards(Provider):
         """Score ``rows`` and z-normalise each reward with the mean and std of the first ``fitted_on`` rows (all by
         default); a reward constant over them becomes zeros."""
         raw = rewards.score_completions(self.reward_names, [r[2] for r in rows], [r[3] for r in rows], normalize=False)
-        fit = raw[: fitted_on if fitted_on is not None else len(rows)]
+        fitted_on = len(rows) if fitted_on is None else fitted_on
+        fit = raw[:fitted_on]
         mean, std = fit.mean(dim=0, keepdim=True), fit.std(dim=0, correction=0, keepdim=True)
         scores = torch.where(std > 1e-8, (raw - mean) / std.clamp_min(1e-8), torch.zeros_like(raw))  # [N, K]
         for (prompt_ids, completion_ids, _, _), values in zip(rows, scores.tolist(), strict=True):
             self.table[sequence_key(prompt_ids, completion_ids)] = values
-        if self.value is not None:
-            self._fit_values(rows[: fitted_on if fitted_on is not None else len(rows)], scores.double())
+        if self.value is not None:  # per prompt, the τ-expectile of the combined rewards of its fitted rows
+            combined = self._combined(scores[:fitted_on].double())
+            by_prompt: dict[bytes, list[int]] = {}
+            for i, row in enumerate(rows[:fitted_on]):
+                by_prompt.setdefault(sequence_key(row[0], []), []).append(i)
+            self.values = {key: float(expectile(combined[index], self.value[1])) for key, index in by_prompt.items()}
 
-    def _fit_values(self, rows: list[tuple], scores: Tensor) -> None:
-        """Per prompt, the τ-expectile of the combined rewards (weights normalised to sum 1) of its rows."""
-        weights, tau = self.value
-        k = scores.shape[1]
-        w = torch.ones(k, dtype=scores.dtype) if weights is None else torch.as_tensor(list(weights), dtype=scores.dtype)
-        combined = scores[: len(rows)] @ (w / w.sum())
-        by_prompt: dict[bytes, list[int]] = {}
-        for i, row in enumerate(rows):
-            by_prompt.setdefault(sequence_key(row[0], []), []).append(i)
-        self.values = {key: float(expectile(combined[index], tau)) for key, index in by_prompt.items()}
+    def _combined(self, scores: Tensor) -> Tensor:
+        """[N, K] rewards -> [N] ``Σ_k c_k r_k``, the weights normalised to sum 1 (equal when not given), as UPO
+        combines them."""
+        weights = self.value[0]
+        w = torch.ones(scores.shape[1]) if weights is None else torch.as_tensor(list(weights))
+        w = w.to(scores.dtype)
+        return scores @ (w / w.sum())
 
     def observe(self, sampled: dict) -> None:
         """Online: score every sample of this draw (normalised over the draw), replacing the previous draw's."""
@@ -496,32 +512,23 @@ class AuxRewards(Provider):
         values = torch.tensor(values, dtype=torch.float32, device=micro.device)
         out = micro.layout.named(values, self.names[:2], len(micro.items))
         if self.value is not None:  # a prompt with no training completions (eval): the expectile of its pair
-            weights, tau = self.value
-            n, k = len(micro.items), values.shape[-1]
-            w = torch.ones(k) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
-            pair = (values.cpu().reshape(2, n, k) @ (w / w.sum())).double()  # [2, B] combined rewards
+            n = len(micro.items)
+            pair = self._combined(values.cpu().double()).reshape(2, n)  # [2, B] combined rewards
             fitted = [self.values.get(sequence_key(item["prompt_ids"], [])) for item in micro.items]
-            estimates = [v if v is not None else float(expectile(pair[:, i], tau)) for i, v in enumerate(fitted)]
+            estimates = [
+                v if v is not None else float(expectile(pair[:, i], self.value[1])) for i, v in enumerate(fitted)
+            ]
             out["aux_values"] = torch.tensor(estimates, dtype=torch.float32, device=micro.device)
         return out
 
 
 @register_provider("aux_rewards", AuxRewards.names)
 def _aux_rewards(ctx: ProviderContext) -> Provider:
-    hparams = ctx.loss.hparams if ctx.loss is not None else {}
-    needs_value = ctx.loss is not None and "aux_values" in ctx.loss.requirements.inputs
-    value = (hparams.get("aux_weights"), float(hparams.get("expectile", 0.5))) if needs_value else None
+    hparams = ctx.loss.hparams
+    value = (
+        (hparams["aux_weights"], float(hparams["expectile"])) if "aux_values" in ctx.loss.requirements.inputs else None
+    )
     provider = AuxRewards(ctx.settings.aux_rewards, data=None if ctx.online else ctx.data, value=value)
     if ctx.online:
         provider.on_sample = provider.observe
     return provider
-
-
-@dataclass
-class Providers:
-    """The providers a run uses, in the order their rows join the forward."""
-
-    items: list[Provider] = field(default_factory=list)
-
-    def observers(self) -> list[Callable[[dict], None]]:
-        return [p.on_sample for p in self.items if p.on_sample is not None]

@@ -21,10 +21,10 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from prefopt.build import build_policy, read_settings
-from prefopt.config import CONF_DIR, ConfigError, check_overrides, exit_on_user_error
+from prefopt.config import CONF_DIR, ConfigError, check_overrides, exit_on_user_error, to_yaml
 from prefopt.scoring import AlarmScorer, build_scorer
 from prefopt.selection import format_table, select
 from prefopt.sources import OnlineSource, unique_prompts
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     selected_cfg.update(weights=result["weights"], select="none")
     selected_path = out_dir / "reward" / "alarm_selected.yaml"
     header = f"# prefopt-select-rewards: kept {result['selected']}; disagreement rates {result['rates']}\n"
-    selected_path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(selected_cfg)))
+    selected_path.write_text(header + to_yaml(selected_cfg))
     (out_dir / "selection.json").write_text(json.dumps(result, indent=2))
     return {**result, "config": str(selected_path), "out_dir": str(out_dir)}
 

@@ -36,9 +36,6 @@ class PairLayout:
     kind = "pair"
     names = ("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths")
 
-    def __init__(self, eos_token_id: int | None = None):
-        self.eos = eos_token_id
-
     def rows(self, items: Sequence[dict]) -> list[dict]:
         return [
             {"prompt_ids": p["prompt_ids"], "completion_ids": p[f"{side}_ids"]}
@@ -60,9 +57,6 @@ class GroupLayout:
 
     kind = "group"
     names = ("policy_logps", "lengths", "rewards")
-
-    def __init__(self, eos_token_id: int | None = None):
-        self.eos = eos_token_id
 
     def rows(self, items: Sequence[dict]) -> list[dict]:
         return [{"prompt_ids": g["prompt_ids"], "completion_ids": c} for g in items for c in g["completions"]]

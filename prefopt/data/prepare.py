@@ -103,12 +103,12 @@ def _prepare(cfg: DataSettings, tokenizer) -> PreparedData:
     evaluation, eval_stats = tokenize_pairs(eval_rows, tokenizer, **lengths)
     if not train:
         raise ConfigError("no training pairs left after tokenization (check data.max_length / max_prompt_length)")
-    digest = hashlib.sha256()
+    hasher = hashlib.sha256()
     for example in train + evaluation:
-        digest.update(json.dumps([example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]]).encode())
+        hasher.update(json.dumps([example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]]).encode())
     stats = {"load": load_stats, "tokenize_train": train_stats, "tokenize_eval": eval_stats}
     log.info("data: %d train pairs, %d eval pairs", len(train), len(evaluation))
-    return PreparedData(train, evaluation, digest.hexdigest()[:16], stats)
+    return PreparedData(train, evaluation, hasher.hexdigest()[:16], stats)
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
@@ -117,20 +117,16 @@ _PIPELINE_FILES = ("prepare.py", "synthetic.py", "formats.py", "loading.py", "to
 _pipeline_sha: str | None = None
 
 
-def _sha(payload: Any) -> str:
-    return digest(payload)
-
-
 def _pipeline_fingerprint() -> str:
     """Hash of the source of the modules that load and tokenize data: editing them invalidates cached pairs."""
     global _pipeline_sha
     if _pipeline_sha is None:
         root = Path(__file__).resolve().parent
-        digest = hashlib.sha256()
+        hasher = hashlib.sha256()
         for name in _PIPELINE_FILES:
             file = root / name
-            digest.update(name.encode() + b"\0" + (file.read_bytes() if file.exists() else b"") + b"\0")
-        _pipeline_sha = digest.hexdigest()
+            hasher.update(name.encode() + b"\0" + (file.read_bytes() if file.exists() else b"") + b"\0")
+        _pipeline_sha = hasher.hexdigest()
     return _pipeline_sha
 
 
@@ -144,9 +140,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
         state = json.loads(backend.to_str())
         state.pop("truncation", None)
         state.pop("padding", None)
-        model = _sha(state)
+        model = digest(state)
     else:
-        model = _sha(sorted(tokenizer.get_vocab().items()))
+        model = digest(sorted(tokenizer.get_vocab().items()))
     probe = "Hello world: a probe, 123."
     payload = {
         "class": type(tokenizer).__name__,
@@ -156,7 +152,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "chat_template": getattr(tokenizer, "chat_template", None),
         "probe": [tokenizer(probe)["input_ids"], tokenizer(probe, add_special_tokens=False)["input_ids"]],
     }
-    return _sha(payload)[:16]
+    return digest(payload)[:16]
 
 
 def _file_stat(path: Any) -> list[Any] | None:
@@ -178,7 +174,7 @@ def data_cache_key(cfg: DataSettings, tokenizer) -> str | None:
         return None
     files = [_file_stat(cfg.path), _file_stat(cfg.eval_path)] if source == "local" else []
     payload = [CACHE_FORMAT, cfg.key(), tokenizer_fingerprint(tokenizer), _pipeline_fingerprint(), files]
-    return _sha(payload)[:24]
+    return digest(payload)[:24]
 
 
 def _read_cache(path: Path, key: str) -> PreparedData:

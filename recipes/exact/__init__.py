@@ -33,49 +33,8 @@ Outputs in ``out_dir`` (default ``outputs/exact``): ``exact.md`` (the printed ta
 and ``exact.png`` (KL vs steps under deterministic preferences, log-x).
 """
 
-from recipes.exact.report import CONF_DIR, Results, compose, fixed_point_table, overfit_table, render, run, setup_table
-from recipes.exact.testbed import (
-    Fit,
-    Population,
-    Problem,
-    Unsupported,
-    bind,
-    dpo_optimum,
-    fixed_point,
-    ipo_least_squares,
-    ipo_optimum,
-    kl,
-    log_grid,
-    make_problem,
-    sft_optimum,
-    train_curve,
-    tv,
-    vertex_minimum,
-)
+from recipes.exact import report, testbed
+from recipes.exact.report import *  # noqa: F403 - the recipe's API is the testbed's and the report's
+from recipes.exact.testbed import *  # noqa: F403
 
-__all__ = [
-    "CONF_DIR",
-    "Problem",
-    "Population",
-    "Fit",
-    "Unsupported",
-    "make_problem",
-    "dpo_optimum",
-    "ipo_optimum",
-    "ipo_least_squares",
-    "sft_optimum",
-    "bind",
-    "fixed_point",
-    "vertex_minimum",
-    "train_curve",
-    "log_grid",
-    "kl",
-    "tv",
-    "Results",
-    "setup_table",
-    "fixed_point_table",
-    "overfit_table",
-    "compose",
-    "run",
-    "render",
-]
+__all__ = [*testbed.__all__, *report.__all__]

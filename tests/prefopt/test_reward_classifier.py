@@ -25,10 +25,8 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
 
 
-def _save(path, num_labels, **config):
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+def _config(tokenizer, **config) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -36,10 +34,15 @@ def _save(path, num_labels, **config):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        num_labels=num_labels,
         pad_token_id=tokenizer.pad_token_id,
         **config,
     )
+
+
+def _save(path, num_labels, **config):
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    cfg = _config(tokenizer, num_labels=num_labels, **config)
     LlamaForSequenceClassification(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -154,16 +157,7 @@ def test_a_checkpoint_without_its_head_is_refused(tmp_path):
     from prefopt.config import ConfigError
 
     tokenizer = _tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    LlamaForCausalLM(_config(tokenizer)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r"has no weights for score\.weight: its classification head would be"):
         ClassifierReward(tmp_path)
