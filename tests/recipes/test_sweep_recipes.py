@@ -91,3 +91,23 @@ def test_a_method_with_its_own_beta_grid(tmp_path, monkeypatch):
     cfg = recipe("sentiment", tmp_path, "run_methods=[dpo,mpo]")
     run_recipe(cfg)
     assert trained == [("dpo", 0.1), ("dpo", 0.5), ("mpo", 0.1), ("mpo", 0.5), ("mpo", 2.0)]
+
+
+def test_alarm_recipe_sweeps_the_aspect_weight_and_plots_the_gate(tmp_path):
+    """The ALaRM recipe's methods differ only in ``reward.mode``; its swept parameter is the aspect weight, and the
+    comparison draws the gate's open fraction over training."""
+    cfg = recipe("alarm", tmp_path)
+    for method in cfg.methods:
+        composed = prefopt.compose(run_overrides(cfg, method, 7.0, 0))
+        assert composed.reward.mode == method and composed.loss.name == "rloo"
+        assert dict(composed.reward.weights) == {"readability": 7.0}
+        assert list(composed.reward.aspects) == ["readability"]
+        assert composed.reward.threshold == 0.0 and composed.trainer.source == "online"
+    cfg = recipe("alarm", tmp_path, "run_methods=[hierarchical,holistic_only]")
+    result = run_recipe(cfg)
+    assert len(result["runs"]) == 4  # hierarchical over the weight grid, holistic_only at one weight
+    for run in result["runs"]:
+        lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+        assert any("online/alarm/frac_above_threshold" in x for x in lines)
+    compare_runs(cfg, result)
+    assert (Path(cfg.out_dir) / "compare" / "curves.png").stat().st_size > 0
