@@ -82,8 +82,15 @@ def compare_runs(cfg: DictConfig, result: dict[str, Any]) -> str:
     out = Path(result["out_dir"]) / "compare"
     metrics = list(c.metrics) if c.get("metrics") else None
     comparison = run_comparison(
-        result["runs"], group=[c.group], param=c.param, metrics=metrics, out=out, x=c.x, y=c.y,
-        curve=c.get("curve"), depth=0,
+        result["runs"],
+        group=[c.group],
+        param=c.param,
+        metrics=metrics,
+        out=out,
+        x=c.x,
+        y=c.y,
+        curve=c.get("curve"),
+        depth=0,
     )
     done = f"{len(result['runs'])} runs ({result['trained']} trained now, {result['seconds']}s)"
     return f"{comparison.table}\nrecipe {cfg.name}: {done}; table, CSV and plots in {out}"
