@@ -62,6 +62,7 @@ from losses.registry import (
 __all__ = ["upo_loss"]
 
 _AUX = ("aux_rewards_chosen", "aux_rewards_rejected")
+_VALUE_BASELINES = ("prompt_expectile", "value_head")  # b = aux_values, a value V(x) of the pair's prompt
 
 
 def _check_base(name: str, value: Any) -> None:
@@ -81,7 +82,7 @@ def _base_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
 def _requires(hparams: Mapping[str, Any]) -> Requirements:
     base = get(hparams["base"], **_base_hparams(hparams)).requirements
     inputs = [*base.inputs, *_AUX]
-    if hparams["baseline"] == "prompt_expectile":
+    if hparams["baseline"] in _VALUE_BASELINES:
         inputs.append("aux_values")
     if hparams["aux_length_normalize"]:
         inputs += [n for n in LENGTH_INPUTS if n not in inputs]
@@ -124,7 +125,7 @@ def _check_aux_weights(name: str, value: Any) -> None:
         "alpha": non_negative,
         "temperature": positive,
         "weight_clip": positive,
-        "baseline": one_of("pair_mean", "pair_expectile", "prompt_expectile", "batch_mean"),
+        "baseline": one_of("pair_mean", "pair_expectile", *_VALUE_BASELINES, "batch_mean"),
         "expectile": in_range(0.0, 1.0, low_open=True, high_open=True),
         "aux_weights": _check_aux_weights,
     },
@@ -159,10 +160,12 @@ def upo_loss(
 
     * ``alpha`` α (0.1): the auxiliary weight; it couples with the base's β (module docstring);
     * baselines ``b``: ``pair_mean`` (mean r_aux of the pair, default), ``pair_expectile`` (the pair's ``expectile``
-      τ_e: τ_e·max + (1 − τ_e)·min; 0.5 = ``pair_mean``), ``prompt_expectile`` (``aux_values`` [B]: a value V(x) of
-      the pair's prompt fit by expectile regression at τ_e on the training completions — the paper's value-baseline
-      option; the trainer's provider fits it exactly, one value per prompt) or ``batch_mean`` (over all 2B
-      completions); the pair baselines double the effective temperature (module docstring);
+      τ_e: τ_e·max + (1 − τ_e)·min; 0.5 = ``pair_mean``), ``value_head`` and ``prompt_expectile`` (``aux_values``
+      [B]: a value V(x) of the pair's prompt fit by expectile regression at τ_e on the training completions — the
+      paper's value-network option; the trainer's provider fits a small head on the initial policy's prompt
+      features (``value_head``) or the exact per-prompt expectile (``prompt_expectile``, for prompts that recur)),
+      or ``batch_mean`` (over all 2B completions); the pair baselines double the effective temperature (module
+      docstring);
     * ``aux_weights`` c_k, normalised to sum to 1 (null: equal);
     * ``temperature`` τ (1.0; spec suggests τ = β, which with z-scored rewards clips most weights at w_max),
       ``weight_clip`` w_max (20), ``self_normalize`` divides the weights by their batch mean;
@@ -190,9 +193,9 @@ def upo_loss(
         elif baseline == "pair_expectile":  # τ_e-expectile of the pair {r_w, r_l}: τ_e·max + (1 − τ_e)·min
             high, low = rewards.max(dim=0, keepdim=True).values, rewards.min(dim=0, keepdim=True).values
             centre = expectile * high + (1 - expectile) * low
-        elif baseline == "prompt_expectile":  # a value V(x) fit by expectile regression, supplied per pair
+        elif baseline in _VALUE_BASELINES:  # a value V(x) fit by expectile regression, supplied per pair
             if aux_values is None:
-                raise LossError("loss 'upo' with baseline='prompt_expectile' needs input aux_values")
+                raise LossError(f"loss 'upo' with baseline={baseline!r} needs input aux_values")
             centre = aux_values.to(dtype).reshape(1, -1)
         else:
             centre = rewards.mean()

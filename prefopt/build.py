@@ -33,6 +33,7 @@ from prefopt.reference import Reference
 from prefopt.scoring import build_scorer
 from prefopt.selection import format_table, select
 from prefopt.settings import (
+    AuxValueSettings,
     DataSettings,
     ReferenceSettings,
     RegularizationSettings,
@@ -62,6 +63,7 @@ class Settings:
     sft_data: SftDataSettings
     reward: dict[str, Any] | None
     aux_rewards: tuple[str, ...]
+    aux_value: AuxValueSettings
     cache_dir: Path
     resolved: dict[str, Any] = field(repr=False)  # the whole config, for config.yaml
 
@@ -79,6 +81,7 @@ def read_settings(cfg: Any) -> Settings:
         sft_data=SftDataSettings.from_mapping(resolved.get("sft_data")),
         reward=resolved.get("reward"),
         aux_rewards=tuple(resolved.get("aux_rewards") or ()),
+        aux_value=AuxValueSettings.from_mapping(resolved.get("aux_value")),
         cache_dir=Path(str(resolved.get("cache_dir") or "~/.cache/prefopt")).expanduser(),
         resolved=resolved,
     )

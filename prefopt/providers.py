@@ -55,6 +55,7 @@ __all__ = [
     "RegularizationPool",
     "SftSequences",
     "AuxRewards",
+    "PromptValue",
     "pool_size",
 ]
 
@@ -442,24 +443,39 @@ def _sft_data(ctx: ProviderContext) -> Provider:
 
 
 # --------------------------------------------------------------------------------------------- auxiliary rewards
+@dataclass
+class PromptValue:
+    """How :class:`AuxRewards` estimates ``aux_values`` V(x), the τ-expectile of the combined auxiliary rewards
+    given the prompt: exactly per prompt (``features`` None: UPO's ``prompt_expectile``) or by a head on prompt
+    features fit by expectile regression (UPO's ``value_head``, :class:`prefopt.value.ExpectileValue`)."""
+
+    weights: Sequence[float] | None  # c_k of Σ_k c_k r_k, normalised to sum 1 (None: equal)
+    tau: float
+    features: dict[bytes, Tensor] | None = None  # prompt key -> [H] features of every prompt of the data
+    head: Any = None  # prefopt.settings.AuxValueSettings
+    seed: int = 0
+
+
 class AuxRewards(Provider):
     """UPO's auxiliary rewards per completion, [B, K] for chosen and rejected: the ``aux_rewards`` reward functions,
     z-normalised with statistics of the training completions only (offline: computed once over train and eval, the
     eval split never moving the statistics) or of each draw of samples (online), looked up by content.
 
-    With a ``value`` setting (``(weights, tau)``: UPO's ``prompt_expectile`` baseline) it also supplies
-    ``aux_values`` [B]: per prompt, the τ-expectile of the weighted training rewards of every completion of that
-    prompt (all pairs; online: the draw's samples) — the exact minimiser of expectile regression for a value function
-    with one value per prompt; a prompt with no training completions (an eval prompt) gets its pair's expectile."""
+    With a ``value`` (:class:`PromptValue`: UPO's ``prompt_expectile`` / ``value_head`` baselines) it also supplies
+    ``aux_values`` [B], V(x) fit to the weighted training rewards of every completion (all pairs; online: the
+    draw's samples). Exactly per prompt, the τ-expectile of its completions — the minimiser of expectile regression
+    with one value per prompt; a prompt with no training completions (an eval prompt) gets its pair's expectile. Or
+    by the value head, which gives every prompt of the data a value."""
 
     names = ("aux_rewards_chosen", "aux_rewards_rejected", "aux_values")
 
-    def __init__(self, reward_names: Sequence[str], data=None, value: tuple[Any, float] | None = None):
+    def __init__(self, reward_names: Sequence[str], data=None, value: PromptValue | None = None):
         if not reward_names:
             raise ConfigError("the loss needs auxiliary rewards: set aux_rewards to a list of reward names")
         self.reward_names, self.value = list(reward_names), value
         self.table: dict[bytes, list[float]] = {}
         self.values: dict[bytes, float] = {}
+        self.fit_report: dict[str, float] = {}
         if data is not None:
             rows = [
                 (e["prompt_ids"], e[f"{side}_ids"], e["prompt"], e[side])
@@ -471,7 +487,7 @@ class AuxRewards(Provider):
 
     def _score(self, rows: list[tuple], fitted_on: int | None = None) -> None:
         """Score ``rows`` and z-normalise each reward with the mean and std of the first ``fitted_on`` rows (all by
-        default); a reward constant over them becomes zeros."""
+        default); a reward constant over them becomes zeros. With a value, fit V(x) on the same rows."""
         raw = rewards.score_completions(self.reward_names, [r[2] for r in rows], [r[3] for r in rows], normalize=False)
         fitted_on = len(rows) if fitted_on is None else fitted_on
         fit = raw[:fitted_on]
@@ -479,17 +495,49 @@ class AuxRewards(Provider):
         scores = torch.where(std > 1e-8, (raw - mean) / std.clamp_min(1e-8), torch.zeros_like(raw))  # [N, K]
         for (prompt_ids, completion_ids, _, _), values in zip(rows, scores.tolist(), strict=True):
             self.table[sequence_key(prompt_ids, completion_ids)] = values
-        if self.value is not None:  # per prompt, the τ-expectile of the combined rewards of its fitted rows
-            combined = self._combined(scores[:fitted_on].double())
-            by_prompt: dict[bytes, list[int]] = {}
-            for i, row in enumerate(rows[:fitted_on]):
-                by_prompt.setdefault(sequence_key(row[0], []), []).append(i)
-            self.values = {key: float(expectile(combined[index], self.value[1])) for key, index in by_prompt.items()}
+        if self.value is not None:
+            combined = self._combined(scores.double())
+            keys = [sequence_key(row[0], []) for row in rows]
+            if self.value.features is None:
+                self._fit_table(keys[:fitted_on], combined[:fitted_on])
+            else:
+                self._fit_head(keys, combined, fitted_on)
+
+    def _fit_table(self, keys: list[bytes], combined: Tensor) -> None:
+        """Per prompt, the τ-expectile of the combined rewards of its rows."""
+        by_prompt: dict[bytes, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_prompt.setdefault(key, []).append(i)
+        self.values = {key: float(expectile(combined[index], self.value.tau)) for key, index in by_prompt.items()}
+
+    def _fit_head(self, keys: list[bytes], combined: Tensor, fitted_on: int) -> None:
+        """Fit the value head on the first ``fitted_on`` rows; value every prompt of the data; report the expectile
+        loss on the fit rows and, offline, on the held-out rows against the constant (the fit rows' expectile)."""
+        from prefopt.value import ExpectileValue, expectile_loss
+
+        features = self.value.features
+        missing = next((key for key in keys if key not in features), None)
+        if missing is not None:
+            raise KeyError("aux_value: a prompt without features (not a prompt of the data)")
+        settings, tau = self.value.head, self.value.tau
+        head = ExpectileValue(
+            tau, hidden=settings.hidden, steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        head.fit(torch.stack([features[k] for k in keys[:fitted_on]]), combined[:fitted_on], seed=self.value.seed)
+        prompts = list(features)
+        self.values = dict(zip(prompts, head(torch.stack([features[k] for k in prompts])).tolist(), strict=True))
+        self.fit_report = {"aux_value_fit_loss": head.fit_loss}
+        if fitted_on < len(keys):
+            held_out = combined[fitted_on:]
+            predicted = torch.tensor([self.values[k] for k in keys[fitted_on:]], dtype=held_out.dtype)
+            constant = expectile(combined[:fitted_on], tau).expand_as(held_out)
+            self.fit_report["aux_value_eval_loss"] = float(expectile_loss(predicted, held_out, tau))
+            self.fit_report["aux_value_eval_loss_constant"] = float(expectile_loss(constant, held_out, tau))
 
     def _combined(self, scores: Tensor) -> Tensor:
         """[N, K] rewards -> [N] ``Σ_k c_k r_k``, the weights normalised to sum 1 (equal when not given), as UPO
         combines them."""
-        weights = self.value[0]
+        weights = self.value.weights
         w = torch.ones(scores.shape[1]) if weights is None else torch.as_tensor(list(weights))
         w = w.to(scores.dtype)
         return scores @ (w / w.sum())
@@ -516,18 +564,37 @@ class AuxRewards(Provider):
             pair = self._combined(values.cpu().double()).reshape(2, n)  # [2, B] combined rewards
             fitted = [self.values.get(sequence_key(item["prompt_ids"], [])) for item in micro.items]
             estimates = [
-                v if v is not None else float(expectile(pair[:, i], self.value[1])) for i, v in enumerate(fitted)
+                v if v is not None else float(expectile(pair[:, i], self.value.tau)) for i, v in enumerate(fitted)
             ]
             out["aux_values"] = torch.tensor(estimates, dtype=torch.float32, device=micro.device)
         return out
 
+    def summary(self) -> dict[str, Any]:
+        return {k: round(v, 6) for k, v in self.fit_report.items()}
+
+
+def _prompt_value(ctx: ProviderContext) -> PromptValue | None:
+    """The loss's value baseline, if it declares ``aux_values``: the head (``value_head``, on the initial policy's
+    features of every prompt of the data) or the exact per-prompt table."""
+    if "aux_values" not in ctx.loss.requirements.inputs:
+        return None
+    hparams = ctx.loss.hparams
+    value = PromptValue(hparams["aux_weights"], float(hparams["expectile"]), seed=ctx.seed)
+    if hparams.get("baseline") == "value_head":
+        from prefopt.value import prompt_features
+
+        prompts = {sequence_key(e["prompt_ids"], []): e["prompt_ids"] for e in [*ctx.data.train, *ctx.data.eval]}
+        settings = ctx.settings.aux_value
+        features = prompt_features(
+            ctx.policy, list(prompts.values()), ctx.tokenizer.pad_token_id, settings.batch_size, ctx.device
+        )
+        value.features, value.head = dict(zip(prompts, features, strict=True)), settings
+    return value
+
 
 @register_provider("aux_rewards", AuxRewards.names)
 def _aux_rewards(ctx: ProviderContext) -> Provider:
-    hparams = ctx.loss.hparams
-    value = (
-        (hparams["aux_weights"], float(hparams["expectile"])) if "aux_values" in ctx.loss.requirements.inputs else None
-    )
+    value = _prompt_value(ctx)
     provider = AuxRewards(ctx.settings.aux_rewards, data=None if ctx.online else ctx.data, value=value)
     if ctx.online:
         provider.on_sample = provider.observe

@@ -23,6 +23,7 @@ __all__ = [
     "RegularizationSettings",
     "DataSettings",
     "SftDataSettings",
+    "AuxValueSettings",
     "Resume",
     "parse_resume",
 ]
@@ -237,6 +238,26 @@ class SftDataSettings(_FromMapping):
         _one_of(self.GROUP, "source", self.source, ("chosen", "synthetic"))
         if not self.batch_ratio > 0:
             raise ConfigError(f"sft_data.batch_ratio must be > 0, got {self.batch_ratio}")
+
+
+@dataclass(frozen=True)
+class AuxValueSettings(_FromMapping):
+    """``aux_value``: the value head of UPO's ``value_head`` baseline (:mod:`prefopt.value`)."""
+
+    GROUP = "aux_value"
+    hidden: int = 32  # tanh hidden units (0 = linear)
+    steps: int = 300  # full-batch Adam steps
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 64  # prompts per feature forward
+
+    def validate(self) -> None:
+        if self.hidden < 0 or self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
+            raise ConfigError(
+                "aux_value needs hidden >= 0, steps >= 0, batch_size >= 1, lr > 0 and weight_decay >= 0, got "
+                f"hidden={self.hidden} steps={self.steps} batch_size={self.batch_size} lr={self.lr} "
+                f"weight_decay={self.weight_decay}"
+            )
 
 
 @dataclass(frozen=True)

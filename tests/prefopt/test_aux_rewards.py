@@ -5,7 +5,7 @@ import torch
 
 from prefopt.cache import sequence_key
 from prefopt.data.prepare import PreparedData
-from prefopt.providers import AuxRewards
+from prefopt.providers import AuxRewards, PromptValue
 
 
 def pair(i: int, chosen: str, rejected: str) -> dict:
@@ -44,7 +44,7 @@ def test_prompt_values_are_training_expectiles_per_prompt():
     from prefopt.step import PairLayout
 
     train = [pair(0, "a b c", "a"), {**pair(1, "a b c d e", "a b"), "prompt_ids": [0]}, pair(2, "good", "a b c d")]
-    provider = AuxRewards(["length"], PreparedData(train, [pair(9, "x y", "z")], "f"), value=(None, 0.8))
+    provider = AuxRewards(["length"], PreparedData(train, [pair(9, "x y", "z")], "f"), value=PromptValue(None, 0.8))
     scores = torch.tensor(
         [
             provider.table[sequence_key(e["prompt_ids"], e[f"{s}_ids"])][0]
@@ -79,3 +79,27 @@ def test_upo_with_the_value_baseline_trains(tmp_path):
     )
     lines = [line for line in metrics(summary) if "loss" in line]
     assert len(lines) == 2 and all(abs(line["aux/advantage_mean"]) < 10 for line in lines)
+
+
+def test_upo_with_the_value_head_trains_and_reports_its_fit(tmp_path):
+    """baseline=value_head: V(x) from a head on the initial policy's prompt features, fit by expectile regression
+    on the training completions; the run reports the fit on train and on held-out completions."""
+    from .test_trainer import metrics, run
+
+    summary = run(
+        tmp_path, tmp_path / "c", "loss=upo", "loss.baseline=value_head", "aux_value.steps=50", "trainer.max_steps=2"
+    )
+    assert summary["aux_value_fit_loss"] > 0
+    assert summary["aux_value_eval_loss"] > 0 and summary["aux_value_eval_loss_constant"] > 0
+    lines = [line for line in metrics(summary) if "loss" in line]
+    assert len(lines) == 2 and all(abs(line["aux/advantage_mean"]) < 10 for line in lines)
+
+
+def test_value_head_settings_are_checked():
+    from prefopt.config import ConfigError
+    from prefopt.settings import AuxValueSettings
+
+    with pytest.raises(ConfigError, match="aux_value"):
+        AuxValueSettings.from_mapping({"hidden": -1})
+    with pytest.raises(ConfigError, match="aux_value has no setting"):
+        AuxValueSettings.from_mapping({"width": 3})
