@@ -1,5 +1,5 @@
-"""The sentiment and multiobjective recipes end to end on a tiny model: every method's overrides compose, the runs
-train, resume skips finished runs, and the comparison table covers every method."""
+"""The sweep recipes (sentiment, multiobjective, deterministic, alarm) end to end on a tiny model: every method's
+overrides compose, the runs train, resume skips finished runs, and the comparison table covers every method."""
 
 import json
 from pathlib import Path
@@ -40,7 +40,7 @@ def recipe(name: str, tmp_path: Path, *overrides: str):
     return cfg
 
 
-@pytest.mark.parametrize("name", ["sentiment", "multiobjective"])
+@pytest.mark.parametrize("name", ["sentiment", "multiobjective", "deterministic"])
 def test_every_method_of_the_recipe_composes(tmp_path, name):
     cfg = recipe(name, tmp_path)
     for method in cfg.methods:
