@@ -22,6 +22,7 @@ from transformers import get_scheduler
 
 import losses
 from prefopt import models
+from prefopt.adapters import AdapterSettings, adapter_state, apply_adapters, quantization_config, read_adapter_settings
 from prefopt.cache import cache_key
 from prefopt.config import ConfigError, plain
 from prefopt.data.prepare import PreparedData, prepare_data
@@ -64,6 +65,7 @@ class Settings:
     reward: dict[str, Any] | None
     aux_rewards: tuple[str, ...]
     aux_value: AuxValueSettings
+    adapters: AdapterSettings  # model.lora / model.adapter / model.quantization
     cache_dir: Path
     resolved: dict[str, Any] = field(repr=False)  # the whole config, for config.yaml
 
@@ -82,6 +84,7 @@ def read_settings(cfg: Any) -> Settings:
         reward=resolved.get("reward"),
         aux_rewards=tuple(resolved.get("aux_rewards") or ()),
         aux_value=AuxValueSettings.from_mapping(resolved.get("aux_value")),
+        adapters=read_adapter_settings(resolved["model"]),
         cache_dir=Path(str(resolved.get("cache_dir") or "~/.cache/prefopt")).expanduser(),
         resolved=resolved,
     )
@@ -101,26 +104,31 @@ class Policy:
     model: torch.nn.Module
     data: PreparedData
     fingerprint: str
+    adapters: str = "none"  # none | fresh (a new LoRA adapter: reference = adapters disabled) | trained
 
 
 def build_policy(settings: Settings, device: torch.device) -> Policy:
-    """Tokenizer, policy (built, moved, warm-started) and data; ``data=sampled`` pairs are sampled from the
-    warm-started policy, any other data is prepared first so a bad data path fails before the warm start."""
+    """Tokenizer, policy (built, moved, warm-started, then wrapped in its adapter if any) and data; ``data=sampled``
+    pairs are sampled from that starting policy, any other data is prepared first so a bad data path fails before the
+    warm start."""
     cache_dir = settings.cache_dir
+    quantization = quantization_config(settings.adapters, device)  # refused here without CUDA
     tokenizer = models.build_tokenizer(settings.model, cache_dir, corpus=default_corpus)
-    policy = models.build_model(settings.model, tokenizer).to(device)
+    policy = models.build_model(settings.model, tokenizer, quantization=quantization)
+    policy = policy if quantization is not None else policy.to(device)
     fingerprint = models.model_fingerprint(settings.model, policy)
     sampled = settings.data.source == "sampled"
     data = None if sampled else prepare_data(settings.data, tokenizer, cache_dir=cache_dir)
     fingerprint = warm_start(
         policy, tokenizer, settings.model.get("sft"), fingerprint=fingerprint, cache_dir=cache_dir, device=device
     )
+    policy, fingerprint = apply_adapters(policy, settings.adapters, fingerprint)
     if sampled:
         local = materialize(
             settings.data, policy, tokenizer, fingerprint=fingerprint, cache_dir=cache_dir, device=device
         )
         data = prepare_data(local, tokenizer, cache_dir=cache_dir)
-    return Policy(tokenizer, policy, data, fingerprint)
+    return Policy(tokenizer, policy, data, fingerprint, settings.adapters.kind)
 
 
 @dataclass
@@ -210,6 +218,8 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         "loss_name": loss_fn.name,
         "source": tcfg.source,
         "reference_model": "reference" in names and not online and reference.is_live,  # a second forward per step
+        "adapters": start.adapters,
+        **adapter_state(start.model),
         **_data_summary(settings, start.data, source, online),
         **{k: v for provider in providers for k, v in provider.summary().items()},
     }
@@ -285,11 +295,11 @@ def _reference(
 ) -> Reference | None:
     """The run's one reference: precomputed (a table, plus a frozen copy when sampling needs one), live, or none
     (a reference-free loss that samples nothing)."""
-    pad_id = start.tokenizer.pad_token_id
+    pad_id, adapters = start.tokenizer.pad_token_id, start.adapters
     if not loss_fn.requirements.needs_reference:
-        return Reference.live(start.model, pad_id=pad_id, device=device) if needs_model else None
+        return Reference.live(start.model, pad_id=pad_id, device=device, adapters=adapters) if needs_model else None
     if settings.reference.mode == "live" or settings.trainer.source == "online":
-        return Reference.live(start.model, pad_id=pad_id, device=device)
+        return Reference.live(start.model, pad_id=pad_id, device=device, adapters=adapters)
     splits = []
     for split, examples in (("train", start.data.train), ("eval", start.data.eval)):
         key = cache_key("ref", start.fingerprint, start.data.fingerprint, split)
@@ -301,6 +311,7 @@ def _reference(
         batch_size=2 * settings.trainer.micro_batch_size,
         device=device,
         keep_model=needs_model,
+        adapters=adapters,
     )
 
 
@@ -343,7 +354,8 @@ def _prepare_scorer(settings: Settings, source: OnlineSource, scorer, reference:
         if resuming and selection_path.exists():
             result = json.loads(selection_path.read_text())
         else:
-            result = select(settings.reward, source, reference.model, scorer)
+            with reference.off():
+                result = select(settings.reward, source, reference.model, scorer)
             if accelerator.is_main_process:
                 selection_path.write_text(json.dumps(result, indent=2))
             log.info("reward selection:\n%s", format_table(result))
@@ -351,7 +363,8 @@ def _prepare_scorer(settings: Settings, source: OnlineSource, scorer, reference:
     if resuming and stats_path.exists():
         scorer.load_stats(json.loads(stats_path.read_text()))
         return
-    stats = source.fit_scorer(reference.model)
+    with reference.off():
+        stats = source.fit_scorer(reference.model)
     if accelerator.is_main_process and stats:
         stats_path.write_text(json.dumps(stats, indent=2))
 

@@ -106,6 +106,8 @@ def sequence_logps(
 
     ``buckets``: True = length buckets with the device's default overhead (:func:`bucket_overhead`), an int = that
     overhead in padded tokens, False = one forward over the whole padded batch."""
+    if hasattr(model, "get_base_model"):  # a peft model: its base model runs the injected adapter layers
+        model = model.get_base_model()
     n_rows = input_ids.shape[0]
     groups: list[list[int] | None] = [None]  # None: the whole padded batch
     if buckets is not False and n_rows > 1:

@@ -169,21 +169,30 @@ def _tiny_llama(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, dtype: tor
     return model
 
 
-def _pretrained(cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """A causal LM from a hub id or local directory (safetensors weights only)."""
+def _pretrained(cfg: ModelConfig, dtype: torch.dtype, quantization=None) -> PreTrainedModel:
+    """A causal LM from a hub id or local directory (safetensors weights only), quantized on load when given a
+    ``BitsAndBytesConfig``."""
+    extra = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": 0}}
     return AutoModelForCausalLM.from_pretrained(
         str(cfg["name"]),
         dtype=dtype,
         trust_remote_code=_trust_remote_code(cfg, "model"),
         use_safetensors=True,
+        **extra,
     )
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, quantization=None) -> PreTrainedModel:
     """The causal LM named by ``cfg.name`` in ``cfg.dtype``: ``"tiny-llama"`` (random init from ``cfg.config``,
-    vocab = ``len(tokenizer)``) or a hub id / local directory. ``model.config.pad_token_id`` is always set."""
+    vocab = ``len(tokenizer)``) or a hub id / local directory (``quantization``: a ``BitsAndBytesConfig``, placed on
+    GPU 0). ``model.config.pad_token_id`` is always set."""
     dtype = resolve_dtype(cfg.get("dtype", "float32"))
-    model = _tiny_llama(cfg, tokenizer, dtype) if cfg["name"] == TINY_LLAMA else _pretrained(cfg, dtype)
+    if cfg["name"] == TINY_LLAMA:
+        if quantization is not None:
+            raise ValueError("model.quantization loads a pretrained model; tiny-llama is built in full precision")
+        model = _tiny_llama(cfg, tokenizer, dtype)
+    else:
+        model = _pretrained(cfg, dtype, quantization)
     n_embeddings = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > n_embeddings:
         raise ValueError(

@@ -11,11 +11,14 @@ Tables are keyed by content (:func:`prefopt.cache.sequence_key`), so a lookup ne
     reference = Reference.precomputed(policy, splits, ...)  # a table; keep_model=True keeps the copy too
     reference.logps(rows)                                   # [N] fp32, rows as the policy sees them
 
-An adapter-disabled reference (LoRA) is one more way to run ``_compute``: the same model with its adapters off.
+With a fresh LoRA adapter (``adapters="fresh"``) the reference is the policy itself run under
+``disable_adapter()``: no copy at all. With a trained adapter (``"trained"``) it is a frozen copy of the policy *with*
+that adapter, like a full model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -56,14 +59,33 @@ def logps_of(
 class Reference:
     """Reference log-probs by table, memo or live model (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module | None, *, pad_id: int, device, table: dict[bytes, float] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        *,
+        pad_id: int,
+        device,
+        table: dict[bytes, float] | None = None,
+        adapter_off: bool = False,
+    ):
         self.model, self.pad_id, self.device = model, pad_id, device
         self.table = table or {}
+        self.adapter_off = adapter_off  # model is the LoRA policy itself: run it with its adapters disabled
         self._memo: dict[bytes, float] = {}
 
+    @staticmethod
+    def _model(policy: torch.nn.Module, adapters: str) -> tuple[torch.nn.Module, bool]:
+        """The reference model for ``policy``: itself with adapters disabled (fresh LoRA) or a frozen copy."""
+        return (policy, True) if adapters == "fresh" else (frozen_copy(policy), False)
+
     @classmethod
-    def live(cls, policy: torch.nn.Module, *, pad_id: int, device) -> Reference:
-        return cls(frozen_copy(policy), pad_id=pad_id, device=device)
+    def live(cls, policy: torch.nn.Module, *, pad_id: int, device, adapters: str = "none") -> Reference:
+        model, off = cls._model(policy, adapters)
+        return cls(model, pad_id=pad_id, device=device, adapter_off=off)
+
+    def off(self):
+        """The context the reference model runs in: ``disable_adapter()`` for a fresh LoRA policy."""
+        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
 
     @classmethod
     def precomputed(
@@ -75,10 +97,12 @@ class Reference:
         batch_size: int,
         device,
         keep_model: bool = False,
+        adapters: str = "none",
     ) -> Reference:
         """Reference log-probs of both completions of every pair of each ``(examples, cache_file)`` split, computed
         once with ``policy`` (the initial policy = the reference) or loaded from the cache file. ``keep_model`` keeps
-        a frozen copy too, for sequences no table holds (samples drawn during training)."""
+        a model too, for sequences no table holds (samples drawn during training). A fresh LoRA policy computes the
+        table as it starts (its adapters are the identity)."""
         table: dict[bytes, float] = {}
         for examples, path in splits:
             sides = ("chosen_ids", "rejected_ids")
@@ -100,8 +124,8 @@ class Reference:
             values = stored["chosen"].tolist() + stored["rejected"].tolist()
             for row, value in zip(rows, values, strict=True):
                 table[sequence_key(row["prompt_ids"], row["completion_ids"])] = value
-        model = frozen_copy(policy) if keep_model else None
-        return cls(model, pad_id=pad_id, device=device, table=table)
+        model, off = cls._model(policy, adapters) if keep_model else (None, False)
+        return cls(model, pad_id=pad_id, device=device, table=table, adapter_off=off)
 
     @property
     def is_live(self) -> bool:
@@ -132,4 +156,5 @@ class Reference:
                 )
         if self.model is None:
             raise RuntimeError("this reference has neither a table nor a model")
-        return logps_of(self.model, sequences, self.pad_id, batch_size, self.device, buckets=buckets)
+        with self.off():
+            return logps_of(self.model, sequences, self.pad_id, batch_size, self.device, buckets=buckets)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from prefopt.adapters import save_final
 from prefopt.build import Run, build
 from prefopt.checkpoint import resume, save_checkpoint
 from prefopt.config import to_yaml
@@ -115,11 +116,11 @@ def _agree(accelerator, problem: str | None) -> str | None:
 
 
 def _finish(run: Run, step: int, started: float, guard, last_train, last_eval, writer) -> dict[str, Any]:
-    """Save ``final/`` (model + tokenizer, ``save_pretrained``) and ``summary.json``; return the summary."""
+    """Save ``final/`` (model or adapter + tokenizer, ``save_pretrained``) and ``summary.json``; return the summary."""
     accelerator, final_dir = run.accelerator, run.run_dir / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(run.policy).save_pretrained(final_dir, safe_serialization=True)
+        save_final(accelerator.unwrap_model(run.policy), final_dir, run.settings.adapters)
         run.tokenizer.save_pretrained(final_dir)
     accelerator.end_training()
     summary = {
