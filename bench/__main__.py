@@ -32,6 +32,9 @@ from bench.startup import STARTUP_RUNS, prepare_startup_cache
 ROOT = Path(__file__).resolve().parent.parent
 
 
+PARTS = ("main", "scaling", "startup", "memory", "adapters")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", default=os.environ.get("PREFOPT_BENCH_QUICK") == "1")
@@ -41,10 +44,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", help="where models, data and runs go (default: a temporary dir, removed)")
     parser.add_argument("--json", help="also write every raw result to this JSON file")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: main, scaling, startup, memory")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to leave out: main, scaling, startup, memory, adapters"
+    )
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed to each run")
     args = parser.parse_args(argv)
-    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - {"main", "scaling", "startup", "memory"}
+    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - set(PARTS)
     if unknown:
         parser.error(f"--skip: unknown part(s) {', '.join(sorted(unknown))}")
     return args
@@ -235,6 +240,42 @@ def scaling_specs(plan, where, workdir: Path, threads: int) -> list[dict]:
     return specs
 
 
+ADAPTER_CONFIGS = {  # name -> overrides: full fine-tuning vs LoRA, each with a precomputed and a live reference
+    "full": [],
+    "full-live": ["reference.mode=live"],
+    "lora": ["model.lora.r=16", "model.lora.alpha=32"],
+    "lora-live": ["model.lora.r=16", "model.lora.alpha=32", "reference.mode=live"],
+}
+
+
+def adapter_specs(plan, workdir: Path, threads: int) -> list[dict]:
+    """DPO under full fine-tuning and LoRA, each with precomputed and live reference log-probs, on a model large
+    enough for weights and optimizer state to decide the peak memory (``plan.adapter_overrides``); one process each,
+    one shared cache (the tokenizer), each its own reference precompute."""
+    specs = []
+    for name, extra in ADAPTER_CONFIGS.items():
+        run_dir = workdir / "runs" / f"adapters-{name}"
+        overrides = [
+            *plan.adapter_overrides,
+            "loss=dpo",
+            f"loss.beta={plan.beta}",
+            f"trainer.seed={plan.seed}",
+            f"cache_dir={workdir / 'adapters-cache' / name}",
+            *plans.PREFOPT_BEST,
+            *extra,
+        ]
+        specs.append(
+            {
+                "kind": "prefopt",
+                "name": f"adapters-{name}",
+                "overrides": overrides,
+                "run_dir": str(run_dir / "run"),
+                "threads": threads,
+            }
+        )
+    return specs
+
+
 def memory_specs(plan, threads: int) -> list[dict]:
     common = {
         "kind": "logsoftmax",
@@ -330,20 +371,28 @@ def main(argv: list[str] | None = None) -> int:
         "main": [main_specs(plan, where, workdir, args.threads, f"-r{r}") for r in range(rounds)],
         "scaling": scaling_specs(plan, where, workdir, args.threads),
         "memory": memory_specs(plan, args.threads),
+        "adapters": adapter_specs(plan, workdir, args.threads),
         "startup": startup_inprocess_specs(plan, workdir, args.threads) if plan.quick else [],
     }
     for name in skip:
         parts[name] = [] if name != "main" else [[]]
     try:
         if plan.quick:  # everything in one worker process, in this order
-            flat = [artifacts, *parts["main"][0], *parts["scaling"], *parts["startup"], *parts["memory"]]
+            flat = [
+                artifacts,
+                *parts["main"][0],
+                *parts["scaling"],
+                *parts["startup"],
+                *parts["memory"],
+                *parts["adapters"],
+            ]
             by_name = {r["name"]: r for r in runner.run_all(flat)}
             built = by_name["artifacts"]
             main = [by_name[s["name"]] for s in parts["main"][0]]
             results = {
                 "main": main,
                 "main_rounds": [main],
-                **{k: [by_name[s["name"]] for s in parts[k]] for k in ("scaling", "startup", "memory")},
+                **{k: [by_name[s["name"]] for s in parts[k]] for k in ("scaling", "startup", "memory", "adapters")},
             }
         else:
             built = runner.run(artifacts)
@@ -355,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                     "scaling": runner.run_all(parts["scaling"]),
                     "startup": startup_cli_runs(plan, where, workdir, runner) if "startup" not in skip else [],
                     "memory": runner.run_all(parts["memory"]),
+                    "adapters": runner.run_all(parts["adapters"]),
                 }
         if not built.get("ok"):
             print(f"bench: building the model and data failed: {built.get('error')}", file=sys.stderr)

@@ -36,6 +36,9 @@ class Plan:
     memory_chunk: int  # a fixed chunk size (rows) also measured, besides prefopt.logps' default
     # time to first step (prefopt-train on the embedded default, no SFT warm start)
     startup_overrides: list[str] = field(default_factory=list)
+    # full fine-tuning vs LoRA: prefopt-train on the embedded synthetic data with a model large enough that weights
+    # and optimizer state, not the process's libraries, decide the peak memory
+    adapter_overrides: list[str] = field(default_factory=list)
     seed: int = 0
 
     @property
@@ -81,6 +84,19 @@ FULL = Plan(
     memory_hidden=256,
     memory_chunk=4096,  # prefopt.logps' fixed default before it became vocabulary-aware
     startup_overrides=["model.sft.steps=0", "trainer.max_steps=1", "trainer.eval_every=0"],
+    adapter_overrides=[  # a 101M-parameter Llama (404 MB of fp32 weights)
+        "model.config.hidden_size=1024",
+        "model.config.intermediate_size=2816",
+        "model.config.num_hidden_layers=8",
+        "model.config.num_attention_heads=16",
+        "model.config.num_key_value_heads=16",
+        "model.sft.steps=0",
+        "data.n_train=64",
+        "data.n_eval=8",
+        "trainer.batch_size=4",
+        "trainer.max_steps=4",
+        "trainer.eval_every=0",
+    ],
 )
 
 QUICK = Plan(
@@ -124,6 +140,19 @@ QUICK = Plan(
         "model.config.num_hidden_layers=1",
         "model.config.num_attention_heads=2",
         "model.config.num_key_value_heads=1",
+    ],
+    adapter_overrides=[
+        "model.sft.steps=0",
+        "data.n_train=16",
+        "data.n_eval=4",
+        "model.config.hidden_size=32",
+        "model.config.intermediate_size=64",
+        "model.config.num_hidden_layers=1",
+        "model.config.num_attention_heads=2",
+        "model.config.num_key_value_heads=1",
+        "trainer.batch_size=4",
+        "trainer.max_steps=3",
+        "trainer.eval_every=0",
     ],
 )
 

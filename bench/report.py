@@ -149,6 +149,8 @@ def render(plan, manifest: dict, results: dict[str, list[dict]], *, threads: int
         out += ["", *_startup_table(plan, results["startup"])]
     if results["memory"]:
         out += ["", *_memory_check(plan, results["memory"])]
+    if results.get("adapters"):
+        out += ["", *_adapter_table(plan, manifest, results["adapters"])]
     if results["main"]:
         spread = ratio_spread(plan, manifest, results.get("main_rounds") or [results["main"]])
         out += ["", ("(--quick: sizes too small to mean anything) " if plan.quick else "") + _targets(spread, results)]
@@ -361,6 +363,36 @@ def _startup_table(plan, startup: list[dict]) -> list[str]:
     return [
         f"time to first step: prefopt-train {overrides} (the embedded default: 2,000 synthetic pairs); setup = "
         "train() until its first step (tokenizer, model, data, reference)",
+        *_table(header, rows),
+    ]
+
+
+def _adapter_table(plan, manifest: dict, runs: list[dict]) -> list[str]:
+    """Full fine-tuning vs LoRA (r 16, all linear layers), precomputed vs live reference: trainable share, peak RSS
+    (each in its own process) and its difference from full fine-tuning with precomputed log-probs, tokens/s."""
+    base = next((r.get("peak_rss_mib") for r in runs if r["name"] == "adapters-full" and r.get("ok")), None)
+    rows = []
+    for r in runs:
+        trainable, total = r.get("trainable_params"), r.get("total_params")
+        share = f"{trainable / total:.1%}" if trainable and total else "n/a"
+        peak = r.get("peak_rss_mib") if r.get("ok") else None
+        rows.append(
+            [
+                r["name"].removeprefix("adapters-"),
+                "live" if r.get("reference_model") else "precomputed",
+                _fmt(trainable, ".0f") if trainable else "n/a",
+                share,
+                _fmt(peak, ".0f"),
+                _fmt(peak - base, "+.0f") if peak is not None and base is not None else "n/a",
+                _fmt(step_seconds(r, 1), ".2f") if r.get("ok") else _status(r),
+            ]
+        )
+    header = ["adapters", "reference", "trainable params", "share", "peak RSS MiB", "vs full", "step s"]
+    note = " (--quick: one process, peak RSS not comparable)" if plan.quick else ""
+    total = next((r.get("total_params") for r in runs if r["name"] == "adapters-full"), None)
+    size = f"{total / 1e6:.1f}M-parameter Llama" if total else "Llama"
+    return [
+        f"full fine-tuning vs LoRA (r 16, all linear layers), DPO on a {size}, fp32{note}:",
         *_table(header, rows),
     ]
 

@@ -65,6 +65,8 @@ def run_prefopt(spec: dict) -> dict:
         "logps_chosen": [line.get("logps/chosen") for line in lines],
         "setup_seconds": summary.get("seconds_to_first_step"),
         "reference_model": summary.get("reference_model"),
+        "trainable_params": summary.get("trainable_params"),
+        "total_params": summary.get("total_params"),
     }
 
 
