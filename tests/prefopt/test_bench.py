@@ -48,12 +48,14 @@ def test_quick_mode_prints_the_tables_and_finite_ratios_last(quick):
     for name in (*report.DPO_ROWS, "prefopt-mpo"):
         assert re.search(rf"^{name}\s", stdout, re.MULTILINE), name
     assert "ratios, median [min, max] over 1 round(s): ratio_vs_trl_default" in stdout
-    for title in ("main table", "scaling:", "time to first step", "selective log-softmax memory"):
+    for title in ("main table", "scaling:", "time to first step", "selective log-softmax memory", "vs LoRA"):
         assert title in stdout, title
     assert len(results["scaling"]) == len(scaling_points(plans.QUICK))
-    assert all(
-        r["ok"] for part in ("main", "scaling", "startup", "memory") for r in results[part] if not r.get("missing")
-    )
+    parts = ("main", "scaling", "startup", "memory", "adapters")
+    assert all(r["ok"] for part in parts for r in results[part] if not r.get("missing"))
+    lora = {r["name"]: r for r in results["adapters"]}
+    assert lora["adapters-lora"]["trainable_params"] < lora["adapters-full"]["trainable_params"]
+    assert lora["adapters-lora-live"]["reference_model"] and not lora["adapters-lora"]["reference_model"]
 
 
 def test_every_dpo_configuration_forwards_the_same_tokens(quick):
