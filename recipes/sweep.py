@@ -33,7 +33,7 @@ def run_overrides(cfg: DictConfig, method: str, beta: float, seed: int) -> list[
         raise KeyError(f"unknown method {method!r}; the recipe defines {sorted(cfg.methods)}")
     beta_key = (cfg.get("beta_keys") or {}).get(method, "loss.beta")
     mode = cfg.quick_overrides if cfg.quick else cfg.full_overrides
-    online = any(o.startswith("trainer=online") for o in cfg.methods[method])
+    online = any(o.startswith("trainer=online") for o in [*cfg.common, *cfg.methods[method]])
     mode_extra = list(mode.online if online else mode.offline)
     return [
         *cfg.common,

@@ -111,3 +111,10 @@ def test_alarm_recipe_sweeps_the_aspect_weight_and_plots_the_gate(tmp_path):
         assert any("online/alarm/frac_above_threshold" in x for x in lines)
     compare_runs(cfg, result)
     assert (Path(cfg.out_dir) / "compare" / "curves.png").stat().st_size > 0
+
+
+def test_a_recipe_online_through_its_common_overrides_gets_the_online_mode_settings(tmp_path):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="alarm", overrides=[f"out_dir={tmp_path}"])
+    cfg.quick_overrides = {"offline": ["trainer.max_steps=7"], "online": ["trainer.max_steps=9"]}
+    assert "trainer.max_steps=9" in run_overrides(cfg, "hierarchical", 1.0, 0)
