@@ -168,6 +168,7 @@ class TrainerSettings(_FromMapping):
     max_nonfinite_steps: int = 5
     resume: Any = None  # parsed by parse_resume: None | "latest" | Path
     progress_bar: bool = True
+    push_to_hub: str | None = None  # a Hugging Face Hub repo id: final/ is uploaded there at the end
     sample_eval: bool = False
     online: SamplingSettings = field(default_factory=SamplingSettings)
 

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from prefopt.adapters import save_final
 from prefopt.build import Run, build
+from prefopt.card import hydra_overrides, model_card
 from prefopt.checkpoint import resume, save_checkpoint
-from prefopt.config import to_yaml
+from prefopt.config import ConfigError, to_yaml
 from prefopt.metrics import MetricsWriter, peak_memory_mib, postfix, reduce_mean, with_perf_totals
 from prefopt.step import NonFiniteGuard, NonFiniteTraining, forward_backward
 
@@ -137,4 +138,22 @@ def _finish(run: Run, step: int, started: float, guard, last_train, last_eval, w
     }
     if accelerator.is_main_process:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (final_dir / "README.md").write_text(model_card(run.settings.resolved, summary, hydra_overrides()))
+        if run.settings.trainer.push_to_hub:
+            push_to_hub(final_dir, run.settings.trainer.push_to_hub)
     return summary
+
+
+def push_to_hub(final_dir: Path, repo_id: str) -> None:
+    """Upload ``final/`` to the Hub; a failure (no network, no token) is one line, the run itself is saved."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(final_dir))
+    except Exception as error:  # noqa: BLE001 - any failure to reach the Hub is reported the same way
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"trainer.push_to_hub={repo_id}: could not upload {final_dir} ({first}); the run is saved there"
+        ) from None

@@ -45,6 +45,8 @@ def test_sweep_makes_one_run_dir_per_job(tmp_path):
         assert lines[-1]["step"] == 2
     assert {json.loads((r / "summary.json").read_text())["loss_name"] for r in runs} == {"dpo", "ipo"}
     assert result.stdout.count("run dir: ") == 4
+    card = (runs[0] / "final" / "README.md").read_text()  # the model card's command reproduces this job
+    assert "prefopt-train loss=dpo loss.beta=0.1 trainer.max_steps=2" in card
 
 
 def test_bad_row_is_one_line_and_exit_code_2(tmp_path):
