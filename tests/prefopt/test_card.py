@@ -5,7 +5,12 @@ import pytest
 from prefopt.config import ConfigError
 from prefopt.trainer import push_to_hub
 
-from .test_trainer import cache_dir, run  # noqa: F401 (fixture)
+from .test_trainer import run
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
 
 
 def test_every_run_writes_a_model_card(tmp_path, cache_dir):

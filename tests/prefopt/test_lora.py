@@ -18,9 +18,14 @@ from prefopt.config import ConfigError
 from prefopt.reference import Reference, logps_of
 
 from .test_cli import LAUNCH_TWO, cli
-from .test_trainer import TINY, cache_dir, metrics, run  # noqa: F401 (fixture)
+from .test_trainer import TINY, metrics, run
 
 LORA = ["model.lora.r=4", "model.lora.alpha=8", "trainer.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
 
 
 def _tiny_model():
