@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from prefopt.reference import Reference
 from prefopt.scoring import build_scorer
 from prefopt.selection import format_table, select
 from prefopt.settings import (
+    TRACKERS,
     AuxValueSettings,
     DataSettings,
     ReferenceSettings,
@@ -242,11 +243,14 @@ def _layout(loss_fn: losses.BoundLoss, online: bool):
 
 
 def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:
+    from accelerate.utils import ProjectConfiguration
+
+    _check_trackers(tcfg.report_to)
     accelerator = Accelerator(  # the scheduler steps once per optimizer step, not once per process
         mixed_precision=tcfg.mixed_precision,
         cpu=tcfg.cpu,
-        log_with="tensorboard",
-        project_dir=str(run_dir),
+        log_with=list(tcfg.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,
     )
     micro, world = tcfg.micro_batch_size, accelerator.num_processes
@@ -255,6 +259,17 @@ def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:
             f"trainer.batch_size={tcfg.batch_size} must be a multiple of micro_batch_size={micro} x {world} process(es)"
         )
     return accelerator
+
+
+def _check_trackers(report_to: Sequence[str]) -> None:
+    """Every tracker of ``trainer.report_to`` importable, else one line naming the extra that installs it."""
+    import importlib.util
+
+    for name in report_to:
+        module, extra = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            hint = f"pip install 'prefopt[{extra}]'" if extra else f"pip install {module}"
+            raise ConfigError(f"trainer.report_to: {name} is not installed ({hint})")
 
 
 def _data_summary(settings: Settings, data: PreparedData, source, online: bool) -> dict[str, Any]:

@@ -5,6 +5,10 @@ A cache entry is named by :func:`cache_key` of everything that produced it. :fun
 else builds and writes it atomically (a temporary file or dir next to it, renamed when complete, so a killed run never
 leaves a half-written entry); an entry that fails to load (truncated, altered, wrong shape) is reported in one warning
 and rebuilt, never used. A cache dir that cannot be written costs the cache, not the run.
+
+Jobs that share a cache dir (a sweep's jobs running at once, on one machine or a cluster's shared file system) build
+each entry once: :func:`entry_lock` holds a lock file next to the entry while it is checked and built, so the other
+jobs wait and then load it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["cache_key", "digest", "atomic_write", "cached", "save_tensors", "load_tensors", "sequence_key"]
+__all__ = [
+    "cache_key",
+    "digest",
+    "atomic_write",
+    "cached",
+    "entry_lock",
+    "save_tensors",
+    "load_tensors",
+    "sequence_key",
+]
 
 log = logging.getLogger("prefopt")
 
@@ -68,6 +81,32 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, replace: bool = F
                 tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def entry_lock(path: Path, what: str, logger: logging.Logger = log):
+    """Hold the lock of cache entry ``path`` (``.NAME.lock`` beside it, an OS file lock released when the process
+    dies): while one job checks and builds the entry, the others wait here. Where no lock file can be created (a
+    read-only cache dir) the entry is built unlocked."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_name(f".{path.name}.lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info("%s: another job is building %s; waiting for it", what, path)
+            lock.acquire()
+    except OSError as error:
+        logger.warning("%s: no lock for %s (%s); building it unlocked", what, path, error)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def cached(
     path: Path,
     build: Callable[[], T],
@@ -78,8 +117,12 @@ def cached(
     logger: logging.Logger = log,
 ) -> T:
     """``load(path)`` when the entry exists and loads; else ``build()``, saved atomically with ``save(value, tmp)``
-    (a ``save`` that raises OSError costs the cache, not the run)."""
-    path = Path(path)
+    (a ``save`` that raises OSError costs the cache, not the run). Under the entry's lock (:func:`entry_lock`)."""
+    with entry_lock(path, what, logger):
+        return _cached(Path(path), build, save=save, load=load, what=what, logger=logger)
+
+
+def _cached(path: Path, build, *, save, load, what: str, logger: logging.Logger):
     damaged = False
     if path.exists():
         try:

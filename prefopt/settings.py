@@ -30,6 +30,15 @@ __all__ = [
 
 Resume = Literal["latest"] | Path | None  # None: a fresh run
 
+# trainer.report_to: accelerate tracker name -> (module that must be importable, setup.cfg extra that installs it)
+TRACKERS = {
+    "tensorboard": ("tensorboard", None),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+    "trackio": ("trackio", "trackio"),
+    "comet_ml": ("comet_ml", "comet"),
+}
+
 
 def parse_resume(value: Any) -> Resume:
     """``trainer.resume``: false/null -> None, true/"latest" -> "latest", anything else a checkpoint path."""
@@ -49,6 +58,8 @@ def _coerce(group: str, name: str, kind: Any, value: Any) -> Any:
             return None
         return _coerce(group, name, options[0], value)
     if origin is tuple:
+        if isinstance(value, str) and typing.get_args(kind)[0] is str:  # one name for a list of names
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{group}.{name} must be a list, got {value!r}")
         inner = typing.get_args(kind)[0]
@@ -169,6 +180,8 @@ class TrainerSettings(_FromMapping):
     resume: Any = None  # parsed by parse_resume: None | "latest" | Path
     progress_bar: bool = True
     push_to_hub: str | None = None  # a Hugging Face Hub repo id: final/ is uploaded there at the end
+    report_to: tuple[str, ...] = ("tensorboard",)  # experiment trackers (TRACKERS); [] = metrics.jsonl only
+    project: str = "prefopt"  # the trackers' project / experiment name
     sample_eval: bool = False
     online: SamplingSettings = field(default_factory=SamplingSettings)
 
@@ -180,6 +193,8 @@ class TrainerSettings(_FromMapping):
             object.__setattr__(self, "micro_batch_size", self.batch_size)
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("trainer.batch_size and trainer.micro_batch_size must be >= 1")
+        for tracker in self.report_to:
+            _one_of("trainer", "report_to", tracker, tuple(TRACKERS))
 
     @property
     def buckets(self) -> bool | int:

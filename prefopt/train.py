@@ -19,13 +19,27 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from prefopt.config import CONF_DIR, check_overrides, exit_on_user_error
+from prefopt.config import CONF_DIR, ConfigError, check_overrides, exit_on_user_error
 from prefopt.metrics import format_summary
 from prefopt.trainer import NonFiniteTraining, train
 
 
+def objective(summary: dict, metric: str | None) -> float | None:
+    """The value a Hydra sweeper optimises (``objective``: a metric of the final evaluation, else of the last train
+    step, e.g. ``rewards/accuracies`` or ``reward/mean``); None when not set."""
+    if not metric:
+        return None
+    for split in ("eval", "train"):
+        values = summary.get(split) or {}
+        for key in (metric, metric.removeprefix("eval/"), f"online/{metric}"):
+            if key in values:
+                return float(values[key])
+    logged = sorted({*(summary.get("eval") or {}), *(summary.get("train") or {})})
+    raise ConfigError(f"objective={metric}: the run logged no such metric; it logged {', '.join(logged)}")
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     logging.getLogger("prefopt").setLevel(logging.INFO)
     try:
         summary = exit_on_user_error("prefopt-train", lambda: train(cfg, run_dir=HydraConfig.get().runtime.output_dir))
@@ -34,6 +48,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(3)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
+    return exit_on_user_error("prefopt-train", lambda: objective(summary, cfg.get("objective")))
 
 
 def _sweep_variants(arguments: list[str]) -> list[list[str]]:

@@ -43,7 +43,7 @@ def loop(run: Run, started: float) -> dict[str, Any]:
     step = resume(accelerator, tcfg.resume, run.run_dir, source)
     writer.truncate(step)
     (run.run_dir / "config.yaml").write_text(to_yaml(run.settings.resolved))
-    accelerator.init_trackers("tensorboard")
+    start_trackers(run)
     guard, last_train, last_eval = NonFiniteGuard(tcfg.max_nonfinite_steps), {}, {}
     bar = tqdm(
         total=tcfg.max_steps,
@@ -106,6 +106,30 @@ def loop(run: Run, started: float) -> dict[str, Any]:
         bar.set_postfix(postfix(last_train))
     bar.close()
     return _finish(run, step, started, guard, last_train, last_eval, writer)
+
+
+def start_trackers(run: Run) -> None:
+    """``trainer.report_to``'s trackers (accelerate's), with the resolved config as their parameters (dotted keys)
+    and the run dir's name as the run's name; wandb writes under the run dir."""
+    tcfg = run.settings.trainer
+    name = run.run_dir.name
+    run.accelerator.init_trackers(
+        tcfg.project,
+        config=flat_config(run.settings.resolved),
+        init_kwargs={"wandb": {"name": name, "dir": str(run.run_dir)}, "mlflow": {"run_name": name}},
+    )
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loss": {"beta": 0.1}}`` -> ``{"loss.beta": 0.1}``; values other than numbers, strings and booleans as
+    strings (what every tracker accepts as a parameter)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def _agree(accelerator, problem: str | None) -> str | None:

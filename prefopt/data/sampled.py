@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from prefopt.cache import atomic_write, cache_key
+from prefopt.cache import atomic_write, cache_key, entry_lock
 from prefopt.config import ConfigError
 from prefopt.data import synthetic
 from prefopt.generation import sample_completions
@@ -71,25 +71,31 @@ def materialize(cfg: DataSettings, policy, tokenizer, *, fingerprint: str, cache
     key = cache_key("sampled", fingerprint, len(tokenizer), cfg.key())
     folder = Path(cache_dir).expanduser() / "sampled" / key
     train_path, eval_path = folder / "train.jsonl", folder / "eval.jsonl"
-    if not (train_path.exists() and eval_path.exists()):
-        folder.mkdir(parents=True, exist_ok=True)
-        items = list(synthetic.ITEMS)
-        held_out = cfg.eval_items
-        if not 0 < held_out < len(items):
-            raise ConfigError(f"data.eval_items must lie in [1, {len(items) - 1}], got {held_out}")
-        rng = random.Random(cfg.seed)
-        rng.shuffle(items)
-        train_items, eval_items = items[held_out:], items[:held_out]
-        reward = build_reward(cfg.reward).to(device)
-        stats = {}
-        for split, split_items, count, path in (
-            ("train", train_items, cfg.n_train, train_path),
-            ("eval", eval_items, cfg.n_eval, eval_path),
-        ):
-            prompts = _prompts(split_items, count, rng)
-            rows, ties = _pairs(policy, tokenizer, prompts, reward, cfg, f"{cfg.seed}/sampled/{split}", device)
-            atomic_write(path, lambda tmp, rows=rows: synthetic.write_jsonl(rows, tmp))
-            stats[split] = {"prompts": count, "pairs": len(rows), "ties_dropped": ties}
-            log.info("sampled %s pairs: %d of %d prompts (%d ties dropped)", split, len(rows), count, ties)
-        (folder / "stats.json").write_text(json.dumps({**stats, "eval_items": eval_items}, indent=2))
+    with entry_lock(folder, "sampled pairs"):
+        if not (train_path.exists() and eval_path.exists()):
+            _sample(cfg, policy, tokenizer, folder, train_path, eval_path, device)
     return dataclasses.replace(cfg, source="local", path=str(train_path), eval_path=str(eval_path), on_bad_row="error")
+
+
+def _sample(cfg: DataSettings, policy, tokenizer, folder: Path, train_path: Path, eval_path: Path, device) -> None:
+    """Sample and label the train and eval pairs into ``folder`` (under the entry lock)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = list(synthetic.ITEMS)
+    held_out = cfg.eval_items
+    if not 0 < held_out < len(items):
+        raise ConfigError(f"data.eval_items must lie in [1, {len(items) - 1}], got {held_out}")
+    rng = random.Random(cfg.seed)
+    rng.shuffle(items)
+    train_items, eval_items = items[held_out:], items[:held_out]
+    reward = build_reward(cfg.reward).to(device)
+    stats = {}
+    for split, split_items, count, path in (
+        ("train", train_items, cfg.n_train, train_path),
+        ("eval", eval_items, cfg.n_eval, eval_path),
+    ):
+        prompts = _prompts(split_items, count, rng)
+        rows, ties = _pairs(policy, tokenizer, prompts, reward, cfg, f"{cfg.seed}/sampled/{split}", device)
+        atomic_write(path, lambda tmp, rows=rows: synthetic.write_jsonl(rows, tmp))
+        stats[split] = {"prompts": count, "pairs": len(rows), "ties_dropped": ties}
+        log.info("sampled %s pairs: %d of %d prompts (%d ties dropped)", split, len(rows), count, ties)
+    (folder / "stats.json").write_text(json.dumps({**stats, "eval_items": eval_items}, indent=2))

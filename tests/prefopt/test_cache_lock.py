@@ -1,0 +1,97 @@
+"""Jobs of a sweep running at once share one cache dir safely: each entry is built once, under its lock, and the
+other job waits and loads it."""
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from prefopt.cache import cached, entry_lock
+
+from .test_trainer import TINY
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+
+
+def test_two_jobs_started_at_once_on_an_empty_cache_build_everything_once(tmp_path):
+    cache = tmp_path / "cache"
+    common = [*TINY, "trainer.max_steps=2", f"cache_dir={cache}", "loss=mpo"]  # tokenizer, SFT, data, reference, pool
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "prefopt.train", *common, f"hydra.run.dir={tmp_path / f'job{i}'}"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = []
+    for job in jobs:
+        _, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, stderr[-2000:]
+        logs.append(stderr)
+    for what in ("sft warm start", "reference log-probs", "regularisation samples", "embedded tokenizer"):
+        loaded = [what + ": loaded" in log for log in logs]
+        assert loaded.count(True) == 1, (what, loaded)  # built by one job, loaded by the other
+    files = _files(cache)
+    assert not [f for f in files if ".tmp" in f], files  # no half-written entries left behind
+    single = tmp_path / "single"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.train",
+            *common[:-2],
+            f"cache_dir={single}",
+            "loss=mpo",
+            f"hydra.run.dir={tmp_path / 'alone'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert files == _files(single)  # one set of cache files, as one job alone makes
+
+
+def test_a_waiting_builder_loads_what_the_first_one_built(tmp_path):
+    path, built = tmp_path / "entry.txt", []
+
+    def build(tag: str):
+        def make():
+            built.append(tag)
+            time.sleep(0.3)
+            return tag
+
+        return make
+
+    def save(value, tmp):
+        Path(tmp).write_text(value)
+
+    results = {}
+
+    def job(tag: str):
+        results[tag] = cached(path, build(tag), save=save, load=lambda p: Path(p).read_text(), what="entry")
+
+    first = threading.Thread(target=job, args=("a",))
+    first.start()
+    time.sleep(0.05)
+    job("b")
+    first.join()
+    assert built == ["a"] and results == {"a": "a", "b": "a"}
+
+
+def test_a_cache_dir_without_write_access_builds_unlocked(tmp_path):
+    target = tmp_path / "no" / "entry"
+    (tmp_path / "no").mkdir()
+    (tmp_path / "no").chmod(0o500)
+    try:
+        with entry_lock(target, "entry"):
+            pass
+    finally:
+        (tmp_path / "no").chmod(0o700)
