@@ -18,22 +18,30 @@ def _files(root: Path) -> list[str]:
 
 def test_two_jobs_started_at_once_on_an_empty_cache_build_everything_once(tmp_path):
     cache = tmp_path / "cache"
-    common = [*TINY, "trainer.max_steps=2", f"cache_dir={cache}", "loss=mpo"]  # tokenizer, SFT, data, reference, pool
+    # every kind of entry: tokenizer, SFT weights, tokenized data, reference log-probs, MPO's regularisation pool
+    common = [*TINY, "model.sft.steps=20", "trainer.max_steps=2", "loss=mpo"]
     jobs = [
         subprocess.Popen(
-            [sys.executable, "-m", "prefopt.train", *common, f"hydra.run.dir={tmp_path / f'job{i}'}"],
+            [
+                sys.executable,
+                "-m",
+                "prefopt.train",
+                *common,
+                f"cache_dir={cache}",
+                f"hydra.run.dir={tmp_path / f'job{i}'}",
+            ],
             cwd=tmp_path,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # Hydra's job logging goes to stdout
             text=True,
         )
         for i in range(2)
     ]
     logs = []
     for job in jobs:
-        _, stderr = job.communicate(timeout=300)
-        assert job.returncode == 0, stderr[-2000:]
-        logs.append(stderr)
+        output, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, output[-2000:]
+        logs.append(output)
     for what in ("sft warm start", "reference log-probs", "regularisation samples", "embedded tokenizer"):
         loaded = [what + ": loaded" in log for log in logs]
         assert loaded.count(True) == 1, (what, loaded)  # built by one job, loaded by the other
@@ -41,15 +49,7 @@ def test_two_jobs_started_at_once_on_an_empty_cache_build_everything_once(tmp_pa
     assert not [f for f in files if ".tmp" in f], files  # no half-written entries left behind
     single = tmp_path / "single"
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prefopt.train",
-            *common[:-2],
-            f"cache_dir={single}",
-            "loss=mpo",
-            f"hydra.run.dir={tmp_path / 'alone'}",
-        ],
+        [sys.executable, "-m", "prefopt.train", *common, f"cache_dir={single}", f"hydra.run.dir={tmp_path / 'alone'}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -30,6 +30,7 @@ def test_mlflow_records_the_parameters_and_every_metric(tmp_path, cache_dir, mon
 
     store = tmp_path / "mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow >= 3.x keeps the file store behind this switch
     mlflow.set_tracking_uri(f"file:{store}")
     summary = run(
         tmp_path,
