@@ -59,15 +59,26 @@ def _sweep_variants(arguments: list[str]) -> list[list[str]]:
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in arguments):
         return []
     parsed = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
-    values = [
-        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
-        for o in parsed
-    ]
+    values = [_values(o) for o in parsed]
     first = [options[0] for options in values]
     variants = [first]
     for i, options in enumerate(values):
         variants += [[*first[:i], option, *first[i + 1 :]] for option in options[1:]]
     return variants
+
+
+def _values(override) -> list[str]:
+    """One override line per value of a choice or range sweep; an interval sweep (``interval(a,b)``, which a sweeper
+    such as optuna samples) is checked at its lower end."""
+    if not override.is_sweep_override():
+        return [override.input_line]
+    key = override.get_key_element()
+    from hydra.core.override_parser.types import IntervalSweep
+
+    sweep = override.value()
+    if isinstance(sweep, IntervalSweep):
+        return [f"{key}={sweep.start}"]
+    return [f"{key}={v}" for v in override.sweep_string_iterator()]
 
 
 def cli() -> None:
