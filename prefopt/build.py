@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,7 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
     summary = {
         "loss_name": loss_fn.name,
         "source": tcfg.source,
+        "distributed": f"{accelerator.distributed_type.value} x {accelerator.num_processes}",
         "reference_model": "reference" in names and not online and reference.is_live,  # a second forward per step
         "adapters": start.adapters,
         **adapter_state(start.model),
@@ -246,13 +248,20 @@ def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:
     from accelerate.utils import ProjectConfiguration
 
     _check_trackers(tcfg.report_to)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun (and accelerate launch's multi-process modes)
     accelerator = Accelerator(  # the scheduler steps once per optimizer step, not once per process
         mixed_precision=tcfg.mixed_precision,
-        cpu=tcfg.cpu,
+        # several processes without CUDA: gloo on the CPU (accelerate would otherwise run each process alone)
+        cpu=tcfg.cpu or (world > 1 and not torch.cuda.is_available()),
         log_with=list(tcfg.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.num_processes != world:
+        raise ConfigError(
+            f"launched as {world} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}); on a CPU use torchrun --nproc_per_node N -m prefopt.train"
+        )
     micro, world = tcfg.micro_batch_size, accelerator.num_processes
     if tcfg.batch_size % (micro * world):
         raise ConfigError(

@@ -8,6 +8,7 @@ know, or a value of the wrong kind, is a one-line :class:`~prefopt.config.Config
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -189,8 +190,10 @@ class TrainerSettings(_FromMapping):
         object.__setattr__(self, "resume", parse_resume(self.resume))
         _one_of("trainer", "source", self.source, ("offline", "online"))
         _one_of("trainer", "optimizer", self.optimizer, ("adamw", "rmsprop"))
-        if self.micro_batch_size is None:
-            object.__setattr__(self, "micro_batch_size", self.batch_size)
+        if self.micro_batch_size is None:  # each process's share of the batch, no accumulation
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            share = self.batch_size // world if world > 1 and self.batch_size % world == 0 else self.batch_size
+            object.__setattr__(self, "micro_batch_size", share)
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("trainer.batch_size and trainer.micro_batch_size must be >= 1")
         for tracker in self.report_to:

@@ -20,9 +20,10 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-# `accelerate launch --cpu` with two processes (gloo DDP) running prefopt-train
-LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-LAUNCH_TWO += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefopt.train"]
+# two processes (gloo DDP on the CPU) running prefopt-train, through torchrun: `accelerate launch --cpu
+# --num_processes 2` starts ONE process on a machine without mpirun, so it cannot test anything distributed
+LAUNCH_TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+LAUNCH_TWO += ["-m", "prefopt.train"]
 
 
 def test_sweep_makes_one_run_dir_per_job(tmp_path):
@@ -117,8 +118,9 @@ def test_local_conversational_and_hh_files_train(tmp_path, layout):
 
 
 def test_two_processes_log_the_same_losses_as_one(tmp_path):
-    """`accelerate launch --cpu --num_processes 2` (gloo DDP) with the same global batch: same loss per step."""
+    """Two processes (torchrun, gloo DDP) with the same global batch: same loss per step, and really two."""
     common = [*TINY, "trainer.max_steps=6", "trainer.warmup_steps=2", "trainer.lr=0.01", f"cache_dir={tmp_path}/c"]
+    common += ["trainer.micro_batch_size=4"]  # one process accumulates 2 micro-batches of 4; two take one each
     single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run(
@@ -130,6 +132,7 @@ def test_two_processes_log_the_same_losses_as_one(tmp_path):
     )
     assert double.returncode == 0, double.stderr[-2000:]
     assert double.stdout.count("run dir: ") == 1  # the summary is printed once, by rank 0
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed"] == "MULTI_CPU x 2"
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(one) == len(two) == 6

@@ -147,7 +147,7 @@ def test_lora_online(tmp_path, cache_dir):
 
 
 def test_two_processes_with_lora_log_the_same_losses_as_one(tmp_path):
-    common = [*TINY, *LORA, "trainer.max_steps=4", f"cache_dir={tmp_path}/c"]
+    common = [*TINY, *LORA, "trainer.max_steps=4", "trainer.micro_batch_size=4", f"cache_dir={tmp_path}/c"]
     single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run(
@@ -161,6 +161,7 @@ def test_two_processes_with_lora_log_the_same_losses_as_one(tmp_path):
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in two] == pytest.approx([x["loss"] for x in one], abs=1e-4)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed"] == "MULTI_CPU x 2"
 
 
 @pytest.mark.parametrize(

@@ -249,7 +249,7 @@ def test_select_rewards_needs_the_alarm_reward(tmp_path):
 
 
 def test_online_training_under_two_processes(tmp_path, cache_dir):
-    """`accelerate launch --cpu --num_processes 2`: each process samples its share of the prompts; every collective
+    """Two processes (torchrun, gloo): each process samples its share of the prompts; every collective
     call (skipped steps, evaluation, metrics) matches up, and rank 0 alone writes the logs."""
     overrides = [*ONLINE, f"cache_dir={cache_dir}", "loss=rloo", "reward=alarm", "reward.select=auto"]
     overrides += [
@@ -265,6 +265,7 @@ def test_online_training_under_two_processes(tmp_path, cache_dir):
     assert [x["step"] for x in logged if "loss" in x] == [1, 2, 3]
     assert [x["step"] for x in logged if "eval/reward/mean" in x] == [0, 3]
     assert (tmp_path / "two" / "reward_selection.json").exists()
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed"] == "MULTI_CPU x 2"
 
 
 def _alarm(normalize: dict) -> AlarmScorer:
