@@ -9,17 +9,7 @@ from typing import Any
 
 import losses
 
-__all__ = ["model_card", "hydra_overrides"]
-
-
-def hydra_overrides() -> list[str] | None:
-    """The command-line overrides of the running ``prefopt-train`` (None outside a Hydra app)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):
-        return None
+__all__ = ["model_card"]
 
 
 def _metrics(values: Mapping[str, Any], split: str, limit: int = 12) -> list[str]:
@@ -28,7 +18,8 @@ def _metrics(values: Mapping[str, Any], split: str, limit: int = 12) -> list[str
 
 
 def model_card(resolved: Mapping[str, Any], summary: Mapping[str, Any], overrides: Sequence[str] | None) -> str:
-    """The Markdown card of a finished run (``resolved``: the run's whole config; ``summary``: its summary)."""
+    """The Markdown card of a finished run (``resolved``: the run's whole config; ``summary``: its summary;
+    ``overrides``: the ``prefopt-train`` command line that made it, None when it was started from Python)."""
     loss = dict(resolved["loss"])
     name = loss.pop("name")
     spec = losses.spec(name)

@@ -42,7 +42,11 @@ def objective(summary: dict, metric: str | None) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     logging.getLogger("prefopt").setLevel(logging.INFO)
     try:
-        summary = exit_on_user_error("prefopt-train", lambda: train(cfg, run_dir=HydraConfig.get().runtime.output_dir))
+        hydra = HydraConfig.get()
+        command = list(hydra.overrides.task)
+        summary = exit_on_user_error(
+            "prefopt-train", lambda: train(cfg, run_dir=hydra.runtime.output_dir, command=command)
+        )
     except NonFiniteTraining as error:
         print(f"prefopt-train: {error}", file=sys.stderr)
         sys.exit(3)

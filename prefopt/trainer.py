@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from prefopt.adapters import save_final
 from prefopt.build import Run, build
-from prefopt.card import hydra_overrides, model_card
+from prefopt.card import model_card
 from prefopt.checkpoint import resume, save_checkpoint
 from prefopt.config import ConfigError, to_yaml
 from prefopt.metrics import MetricsWriter, peak_memory_mib, postfix, reduce_mean, with_perf_totals
@@ -29,10 +29,12 @@ __all__ = ["train", "loop", "NonFiniteTraining"]
 log = logging.getLogger("prefopt")
 
 
-def train(cfg: Any, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train ``cfg.loss`` on ``cfg.data`` with ``cfg.model``; writes the run dir and returns the summary."""
+def train(cfg: Any, run_dir: str | Path | None = None, command: list[str] | None = None) -> dict[str, Any]:
+    """Train ``cfg.loss`` on ``cfg.data`` with ``cfg.model``; writes the run dir and returns the summary.
+    ``command``: the ``prefopt-train`` overrides that made ``cfg``, for the model card."""
     started = time.time()
     run = build(cfg, run_dir or "outputs/run")
+    run.summary["command"] = command
     return loop(run, started)
 
 
@@ -162,7 +164,7 @@ def _finish(run: Run, step: int, started: float, guard, last_train, last_eval, w
     }
     if accelerator.is_main_process:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (final_dir / "README.md").write_text(model_card(run.settings.resolved, summary, hydra_overrides()))
+        (final_dir / "README.md").write_text(model_card(run.settings.resolved, summary, summary.get("command")))
         if run.settings.trainer.push_to_hub:
             push_to_hub(final_dir, run.settings.trainer.push_to_hub)
     return summary

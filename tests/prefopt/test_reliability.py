@@ -99,8 +99,8 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
     real_build = models_module.build_model
     hits = {"n": 0}
 
-    def build(cfg, tokenizer):
-        model = real_build(cfg, tokenizer)
+    def build(cfg, tokenizer, **kwargs):
+        model = real_build(cfg, tokenizer, **kwargs)
 
         def poison(grad):
             hits["n"] += 1

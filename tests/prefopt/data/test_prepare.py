@@ -52,7 +52,9 @@ def same(a, b) -> None:
 
 
 def cache_files(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / "data").glob("*")) if (cache_dir / "data").exists() else []
+    """The cache entries (the lock files beside them, ``.NAME.lock``, are not entries)."""
+    folder = cache_dir / "data"
+    return sorted(p for p in folder.glob("*") if not p.name.endswith(".lock")) if folder.exists() else []
 
 
 def test_miss_then_hit_gives_the_identical_result(tmp_path, tokenizer, loads):
