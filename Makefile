@@ -1,7 +1,7 @@
 PYTHON ?= python
 PYTEST_ARGS ?= -q
 
-.PHONY: install test lint format bench
+.PHONY: install test lint format bench gpu-check
 
 # torch first, pinned: 2.13.0 resolves to the CPU wheel on this machine's disk; any other torch request would pull
 # the CUDA build. Everything else then sees torch already satisfied.
@@ -25,3 +25,7 @@ format:
 # BENCH_ARGS="--rounds 5"; BENCH_ARGS=--quick for a seconds-long smoke run). TRL rows need the [bench] extra.
 bench:
 	$(PYTHON) -m bench $(BENCH_ARGS)
+
+# on a GPU machine: full fine-tuning, LoRA and QLoRA vs TRL's DPOTrainer on a Qwen2.5-0.5B-shaped model (bench/gpu.py)
+gpu-check:
+	$(PYTHON) -m bench.gpu $(GPU_ARGS)

@@ -67,7 +67,15 @@ def run_prefopt(spec: dict) -> dict:
         "reference_model": summary.get("reference_model"),
         "trainable_params": summary.get("trainable_params"),
         "total_params": summary.get("total_params"),
+        "peak_gpu_mib": _peak_gpu_mib(),
     }
+
+
+def _peak_gpu_mib() -> float | None:
+    """This process's peak allocated GPU memory (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def run_trl(spec: dict) -> dict:
@@ -142,7 +150,7 @@ def _train_trl(spec: dict, trl, notes: list[str]) -> dict:
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=spec.get("use_cpu", True),
         train_sampling_strategy="sequential",
         **spec["knobs"],
     )
@@ -163,7 +171,14 @@ def _train_trl(spec: dict, trl, notes: list[str]) -> dict:
         f"ref_model={'yes' if trainer.ref_model is not None else 'no'} "
         f"attn={trainer.model.config._attn_implementation} optim={getattr(args.optim, 'value', args.optim)}"
     )
-    return {**record, "losses": losses, "train_loss": output.training_loss, "notes": notes, "trl": trl.__version__}
+    return {
+        **record,
+        "losses": losses,
+        "train_loss": output.training_loss,
+        "notes": notes,
+        "trl": trl.__version__,
+        "peak_gpu_mib": _peak_gpu_mib(),
+    }
 
 
 def run_bare(spec: dict) -> dict:

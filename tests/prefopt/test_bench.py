@@ -127,3 +127,16 @@ def test_ratios_are_taken_per_round_and_targets_within_the_spread_are_noise(quic
     assert report.verdict((median, lo, hi), one * 4, at_least=True) == "NOT met"
     assert report.verdict((median, lo, hi), one * 4, at_least=False) == "met"
     assert report.verdict(float("nan"), 1.0, at_least=True) == "n/a"
+
+
+def test_the_gpu_check_runs_end_to_end_on_a_cpu_with_a_tiny_model(tmp_path, capsys):
+    """bench.gpu --tiny: the same script the GPU machine runs; QLoRA is refused in one line without CUDA."""
+    from bench import gpu
+
+    assert gpu.main(["--tiny", "--workdir", str(tmp_path), "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ratio prefopt-full / trl-best tokens/s:" in out and "FSDP: no GPU, not run" in out
+    results = {r["name"]: r for r in json.loads((tmp_path / "out.json").read_text())["results"]}
+    assert results["prefopt-full"]["ok"] and results["prefopt-lora"]["ok"]
+    assert "needs a CUDA GPU" in results["prefopt-qlora"]["error"]
+    assert results["trl-best"]["ok"] or results["trl-best"].get("missing")
