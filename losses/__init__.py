@@ -9,6 +9,10 @@
 Group losses (kind "group", K sampled completions per prompt: ``rloo``) take ``policy_logps, ref_logps, rewards,
 lengths`` (``GROUP_INPUTS``), each ``[G, K]``, instead of the pairwise inputs.
 
+Token losses (kind "token", the GRPO family: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``,
+``gspo``) take per-token ``policy_token_logps, old_token_logps, ref_token_logps, completion_mask`` ``[N, T]`` and
+``advantages`` ``[N]`` or ``[N, T]`` (``TOKEN_INPUTS``); ``group_advantages`` computes GRPO's advantages from rewards.
+
 Depends on torch only. Third-party packages register more losses through the ``prefopt.losses`` entry-point group.
 """
 
@@ -25,6 +29,16 @@ from losses.alarm import AlarmReward, alarm_reward, disagreement_rates, select_a
 from losses.aot import aot_loss, aot_unpaired_loss
 from losses.combo import combo_loss
 from losses.dpo import cdpo_loss, discopop_loss, dpo_loss, hinge_loss, robust_loss, sigmoid_norm_loss
+from losses.grpo import (
+    bnpo_loss,
+    cispo_loss,
+    dapo_loss,
+    dr_grpo_loss,
+    group_advantages,
+    grpo_loss,
+    gspo_loss,
+    sapo_loss,
+)
 from losses.ipo import ipo_loss, sppo_hard_loss
 from losses.mpo import mpo_loss
 from losses.pairwise import apo_down_loss, apo_zero_loss, bco_pair_loss, exo_pair_loss, nca_pair_loss
@@ -32,6 +46,7 @@ from losses.policy_gradient import rloo_loss
 from losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
 from losses.registry import (
     GROUP_INPUTS,
+    TOKEN_INPUTS,
     BoundLoss,
     LossSpec,
     Requirements,
@@ -82,6 +97,15 @@ __all__ = [
     "combo_loss",
     "rloo_loss",
     "GROUP_INPUTS",
+    "grpo_loss",
+    "bnpo_loss",
+    "dr_grpo_loss",
+    "dapo_loss",
+    "cispo_loss",
+    "sapo_loss",
+    "gspo_loss",
+    "group_advantages",
+    "TOKEN_INPUTS",
     "alarm",
     "AlarmReward",
     "alarm_reward",

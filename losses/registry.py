@@ -10,6 +10,12 @@ A loss function's signature *is* its declaration:
 Group losses (``kind="group"``, k sampled completions per prompt, e.g. ``rloo``) take the group inputs
 ``policy_logps, ref_logps, rewards, lengths``, each ``[G, K]``, in place of the pairwise ones.
 
+Token losses (``kind="token"``, the GRPO family: ``grpo``, ``dapo``, ``gspo`` ...) take per-token inputs
+(``TOKEN_INPUTS``) for N sampled completions padded to T tokens: ``policy_token_logps [N, T]`` (with grad),
+``old_token_logps [N, T]`` (the sampling policy's; optional: absent means one on-policy step, ``policy.detach()``),
+``ref_token_logps [N, T]`` (only when the loss's ``beta > 0``), ``completion_mask [N, T]`` (1 on completion tokens,
+0 on padding) and ``advantages`` ``[N]`` or ``[N, T]`` (computed outside the loss, e.g. ``losses.group_advantages``).
+
 So a trainer reads ``needs_reference``, ``extras`` and ``kind`` from ``losses.get(name).requirements`` and builds its
 batch (and skips the reference model) from that alone. Composite losses (``upo``, ``combo``) take ``**inputs`` and
 give a ``requires`` hook that derives their needs from their hyper-parameters (e.g. ``upo`` over ``simpo`` needs no
@@ -35,6 +41,7 @@ __all__ = [
     "STANDARD_INPUTS",
     "REFERENCE_INPUTS",
     "GROUP_INPUTS",
+    "TOKEN_INPUTS",
     "Requirements",
     "LossSpec",
     "BoundLoss",
@@ -56,8 +63,11 @@ REFERENCE_INPUTS = ("ref_chosen_logps", "ref_rejected_logps")
 LENGTH_INPUTS = ("chosen_lengths", "rejected_lengths")
 STANDARD_INPUTS = ("policy_chosen_logps", "policy_rejected_logps", *REFERENCE_INPUTS, *LENGTH_INPUTS)
 GROUP_INPUTS = ("policy_logps", "ref_logps", "rewards", "lengths")  # kind "group": each [G prompts, K samples]
-_BATCH_INPUTS = (*STANDARD_INPUTS, *GROUP_INPUTS)  # what a trainer passes to any loss; dropped when unused
-KINDS = ("pair", "group")
+# kind "token": [N completions, T tokens] each, advantages [N] or [N, T]
+TOKEN_INPUTS = ("policy_token_logps", "old_token_logps", "ref_token_logps", "completion_mask", "advantages")
+# what a trainer passes to any loss; dropped when unused
+_BATCH_INPUTS = (*STANDARD_INPUTS, *GROUP_INPUTS, *TOKEN_INPUTS)
+KINDS = ("pair", "group", "token")
 ENTRY_POINT_GROUP = "prefopt.losses"
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -116,11 +126,13 @@ class Requirements:
 
     inputs: tuple[str, ...]  # every required tensor input, standard and extra
     optional_inputs: tuple[str, ...]  # used when given
-    kind: str  # "pair" (chosen vs rejected) or "group" (k samples per prompt)
+    kind: str  # "pair" (chosen vs rejected), "group" (k samples per prompt) or "token" (per-token, GRPO family)
 
     @property
-    def needs_reference(self) -> bool:  # ref_chosen_logps / ref_rejected_logps, or a group loss's ref_logps
-        return set(REFERENCE_INPUTS) <= set(self.inputs) or "ref_logps" in self.inputs
+    def needs_reference(self) -> bool:  # ref_chosen/rejected_logps, a group loss's ref_logps, or ref_token_logps
+        return (
+            set(REFERENCE_INPUTS) <= set(self.inputs) or "ref_logps" in self.inputs or "ref_token_logps" in self.inputs
+        )
 
     @property
     def needs_lengths(self) -> bool:  # chosen_lengths / rejected_lengths, or a group loss's lengths
@@ -294,8 +306,9 @@ class BoundLoss:
 
     Standard inputs the loss does not use (lengths for DPO, reference log-probs for a reference-free loss) are
     dropped, so one trainer can pass the same batch to any loss; so are the group inputs (``GROUP_INPUTS``), so a
-    trainer can pass the same four ``[G, K]`` tensors to any group loss. An unknown extra name is an error (a typo
-    would otherwise be ignored silently).
+    trainer can pass the same four ``[G, K]`` tensors to any group loss, and the token inputs (``TOKEN_INPUTS``), so
+    it can pass the same per-token tensors to any token loss (``ref_token_logps`` is ignored where ``beta = 0``). An
+    unknown extra name is an error (a typo would otherwise be ignored silently).
     """
 
     def __init__(self, spec_: LossSpec, hparams: Mapping[str, Any]):
@@ -335,7 +348,8 @@ def required_if(
     condition: Callable[[Mapping[str, Any]], bool], names: tuple[str, ...]
 ) -> Callable[[Mapping[str, Any]], Requirements]:
     """A ``requires`` hook for losses whose signature has optional inputs ``names`` that become required when
-    ``condition(hparams)`` holds (``rloo`` needs ``ref_logps`` only when ``kl_coef > 0``)."""
+    ``condition(hparams)`` holds (``rloo`` needs ``ref_logps`` only when ``kl_coef > 0``). The hook finds its loss by
+    identity, so every loss needs a hook of its own (call ``required_if`` once per loss)."""
 
     def requires(hparams: Mapping[str, Any]) -> Requirements:
         loss_spec = next(s for s in _REGISTRY.values() if s.requires is requires)

@@ -42,11 +42,13 @@ __all__ = [
     "tv",
     "KINDS",
     "GROUP_REASON",
+    "TOKEN_REASON",
 ]
 
 F64 = torch.float64
 KINDS = ("bt", "deterministic")
 GROUP_REASON = "group loss (k on-policy samples per prompt), not pairwise; see tests/losses/test_tabular.py"
+TOKEN_REASON = "token-level policy-gradient loss (per-token log-probs of on-policy samples), not pairwise"
 
 
 # ---------------------------------------------------------------------------------------------------- the problem
@@ -166,7 +168,7 @@ class Population:
     ):
         req = loss.requirements
         if req.kind != "pair":
-            raise Unsupported(GROUP_REASON)
+            raise Unsupported(TOKEN_REASON if req.kind == "token" else GROUP_REASON)
         handled = {"reg_logps", "reg_lengths", "aux_rewards_chosen", "aux_rewards_rejected"}
         unknown = [n for n in req.extras if n not in handled]
         if unknown:

@@ -8,11 +8,12 @@ import yaml
 import losses
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "loss"
-B, R = 5, 4  # pairs (or, for group losses, prompts) per batch; regularisation samples
+B, R = 5, 4  # pairs (or, for group losses, prompts; for token losses, completions) per batch; regularisation samples
 K = 4  # samples per prompt for group losses
+T = 6  # padded completion length for token losses
 
 # the input that carries the policy's gradient, and that a test perturbs, for each kind of loss
-POLICY_INPUT = {"pair": "policy_rejected_logps", "group": "policy_logps"}
+POLICY_INPUT = {"pair": "policy_rejected_logps", "group": "policy_logps", "token": "policy_token_logps"}
 
 
 def config_hparams(name: str) -> dict:
@@ -37,10 +38,12 @@ def _extra(name: str, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
 
 def make_inputs(loss: losses.BoundLoss, seed: int = 0, dtype: torch.dtype = torch.float64) -> dict:
     """Every input the loss requires or accepts, random but valid (log-probs < 0, lengths >= 1); group losses get
-    ``[B, K]`` group inputs (B prompts, K samples each)."""
+    ``[B, K]`` group inputs (B prompts, K samples each), token losses ``[B, T]`` per-token inputs."""
     gen = torch.Generator().manual_seed(seed)
     if loss.requirements.kind == "group":
         return make_group_inputs(loss, gen, dtype)
+    if loss.requirements.kind == "token":
+        return make_token_inputs(loss, gen, dtype)
     lengths = torch.randint(1, 9, (2, B), generator=gen)
     logps = -(torch.rand(4, B, generator=gen, dtype=dtype) * 1.5 + 0.1) * torch.cat([lengths, lengths]).to(dtype)
     standard = dict(
@@ -73,3 +76,21 @@ def make_group_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch
     for name in (*req.extras, *req.optional_extras):
         inputs[name] = _extra(name, gen, dtype)
     return inputs
+
+
+def make_token_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch.dtype) -> dict:
+    """``policy_token_logps``, ``old_token_logps``, ``ref_token_logps``, ``completion_mask`` [B, T] and
+    ``advantages`` [B], as a sampler gives them: completions of 1..T tokens right-padded with zeros, per-token
+    log-probs in [-2.05, -0.05] (so log-ratios within ±2 and some ratios clipped), advantages ~ N(0, 1)."""
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    logps = -(torch.rand(3, B, T, generator=gen, dtype=dtype) * 2 + 0.05) * mask.to(dtype)
+    token = dict(
+        policy_token_logps=logps[0],
+        old_token_logps=logps[1],
+        ref_token_logps=logps[2],
+        completion_mask=mask,
+        advantages=torch.randn(B, generator=gen, dtype=dtype),
+    )
+    req = loss.requirements
+    return {k: v for k, v in token.items() if k in req.inputs or k in req.optional_inputs}

@@ -1,7 +1,8 @@
 """The contract every registered loss keeps, run over the whole registry with its conf/loss defaults — so a new
 loss is tested the moment it is registered. Pairwise losses (kind "pair") get pair batches ``[B]``; group losses
-(kind "group", K samples per prompt) get ``[B, K]`` group batches and the same generic contract, plus the checks
-that only make sense for their kind."""
+(kind "group", K samples per prompt) get ``[B, K]`` group batches, and token losses (kind "token", the GRPO family)
+``[B, T]`` per-token batches; each gets the same generic contract, plus the checks that only make sense for its
+kind."""
 
 import pytest
 import torch
@@ -14,12 +15,15 @@ NAMES = losses.available()
 KINDS = {name: losses.spec(name).kind for name in NAMES}
 PAIR_NAMES = [n for n in NAMES if KINDS[n] == "pair"]
 GROUP_NAMES = [n for n in NAMES if KINDS[n] == "group"]
-LOGPS_METRICS = {"pair": ("logps/chosen", "logps/rejected"), "group": ("logps/policy",)}
+TOKEN_NAMES = [n for n in NAMES if KINDS[n] == "token"]
+# TRL logs no log-prob metric from its GRPO loss; token losses are held to TRL's clip / KL metric names instead
+# (test_token_trl_metrics).
+LOGPS_METRICS = {"pair": ("logps/chosen", "logps/rejected"), "group": ("logps/policy",), "token": ()}
 
 
 def test_every_loss_is_covered_by_its_kind():
-    """No loss escapes the contract: each is pairwise or group, and each kind has its own checks below."""
-    assert sorted(PAIR_NAMES + GROUP_NAMES) == NAMES
+    """No loss escapes the contract: each is pairwise, group or token, and each kind has its own checks below."""
+    assert sorted(PAIR_NAMES + GROUP_NAMES + TOKEN_NAMES) == NAMES
     assert set(KINDS.values()) <= set(POLICY_INPUT) == set(LOGPS_METRICS)
 
 
@@ -90,6 +94,44 @@ def test_group_gradients_flow(name, dtype):
     assert rewards.grad is None or not rewards.grad.any()
 
 
+@pytest.mark.parametrize("name", TOKEN_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_gradients_flow(name, dtype):
+    """A token loss sends a finite, non-zero gradient of the input's shape and dtype to ``policy_token_logps``, none
+    to padding positions, and none to the advantages, the old or the reference log-probs (numbers computed before
+    the step; a surrogate must not move them). β > 0 so the KL term is on the path too."""
+    loss = losses.get(name, **{**_loss(name).hparams, "beta": 0.1})
+    inputs = make_inputs(loss, seed=2, dtype=dtype)
+    leaves = {
+        k: inputs[k].clone().requires_grad_(True)
+        for k in ("policy_token_logps", "old_token_logps", "ref_token_logps", "advantages")
+    }
+    loss(**dict(inputs, **leaves)).loss.backward()
+    grad = leaves["policy_token_logps"].grad
+    assert grad is not None and grad.shape == inputs["policy_token_logps"].shape and grad.dtype == dtype
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert not grad[inputs["completion_mask"] == 0].any()
+    for key in ("old_token_logps", "ref_token_logps", "advantages"):
+        assert leaves[key].grad is None or not leaves[key].grad.any(), key
+
+
+@pytest.mark.parametrize("name", TOKEN_NAMES)
+def test_token_trl_metrics(name):
+    """TRL's metric names from ``GRPOTrainer._compute_loss``: ``kl`` when β > 0, the clip ratios for the clipped
+    variants, ``cispo_clip_ratio`` for CISPO; each a rate in [0, 1] (kl ≥ 0)."""
+    clip = {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
+    clip |= {"clip_ratio/low_min", "clip_ratio/high_max"}
+    expected = {"cispo": {"cispo_clip_ratio"}, "sapo": set()}.get(name, clip)
+    free = _loss(name)
+    assert set(free(**make_inputs(free)).metrics) == expected
+    with_kl = losses.get(name, **{**free.hparams, "beta": 0.1})
+    metrics = with_kl(**make_inputs(with_kl)).metrics
+    assert set(metrics) == expected | {"kl"}
+    assert metrics["kl"].item() >= 0.0
+    for key in expected:
+        assert 0.0 <= metrics[key].item() <= 1.0, key
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_input_is_reported(name, bad):
@@ -134,7 +176,7 @@ def test_finite_checks_can_be_disabled(golden_batch):
 def test_rows_are_independent_unless_declared(name):
     """Per-example values of one row (a pair, or a prompt's group) do not depend on the other rows (except losses
     declared batch_dependent, and batch-level NLL terms, which are spread evenly and so shift every row alike)."""
-    key = "policy_chosen_logps" if KINDS[name] == "pair" else POLICY_INPUT["group"]
+    key = "policy_chosen_logps" if KINDS[name] == "pair" else POLICY_INPUT[KINDS[name]]
     loss = _loss(name)
     inputs = make_inputs(loss)
     full = loss(**inputs).per_example

@@ -1,6 +1,9 @@
 """Property-based tests (hypothesis) of the loss zoo: finiteness, ranges, monotonicity, swap laws and dtypes on
 random batches of finite float64 log-probs in [-200, -0.01], lengths in [1, 64] and β in (0.01, 5). Group losses
-(kind "group") get [G, K] groups: G in [1, 6] prompts, K in [2, 6] samples each, rewards in [-10, 10].
+(kind "group") get [G, K] groups: G in [1, 6] prompts, K in [2, 6] samples each, rewards in [-10, 10]. Token losses
+(kind "token", the GRPO family) get [N, T] per-token batches: N in [1, 6] completions of 0..T tokens, T in [1, 8],
+per-token log-probs in [-20, -0.01] (log-ratios within ±20, where e^x stays finite in float32), advantages in
+[-10, 10].
 
 Every law is read off the formula in the loss's docstring; ``Δ = ρ_w − ρ_l``, ``ρ = S_θ − S_ref``, ``z = βΔ``.
 Tolerances are absolute 1e-9 in float64 unless a comment says why a law is exact or needs more.
@@ -33,6 +36,7 @@ EXO_EPS = st.floats(min_value=1e-6, max_value=1 - 1e-6)  # exo_pair: (0, 1)
 AUX_REWARDS = st.floats(min_value=-5.0, max_value=5.0)  # z-normalised designer rewards
 DELTAS = st.floats(min_value=1e-3, max_value=100.0)  # a positive increase of policy_chosen_logps
 REWARDS = st.floats(min_value=-10.0, max_value=10.0)  # scalar rewards of sampled completions (group losses)
+TOKEN_LOGPS = st.floats(min_value=-20.0, max_value=-0.01, allow_nan=False, allow_infinity=False)  # per token
 
 FAST = settings(max_examples=20, deadline=None)
 LAWS = settings(max_examples=30, deadline=None)
@@ -89,11 +93,27 @@ def groups(draw, max_prompts: int = 6, max_samples: int = 6) -> dict[str, torch.
 
 
 @st.composite
+def token_batches(draw, max_completions: int = 6, max_tokens: int = 8) -> dict[str, torch.Tensor]:
+    """The token inputs: policy / old / reference log-probs [N, T] in [-20, -0.01], a right-padded completion mask
+    with 0..T tokens per row (an empty row is a completion TRL masked out), advantages [N] in [-10, 10]."""
+    n = draw(st.integers(min_value=1, max_value=max_completions))
+    t = draw(st.integers(min_value=1, max_value=max_tokens))
+    lengths = torch.tensor(draw(st.lists(st.integers(min_value=0, max_value=t), min_size=n, max_size=n)))
+    return {
+        "policy_token_logps": _column(draw, n * t, TOKEN_LOGPS).reshape(n, t),
+        "old_token_logps": _column(draw, n * t, TOKEN_LOGPS).reshape(n, t),
+        "ref_token_logps": _column(draw, n * t, TOKEN_LOGPS).reshape(n, t),
+        "completion_mask": (torch.arange(t)[None, :] < lengths[:, None]).long(),
+        "advantages": _column(draw, n, REWARDS),
+    }
+
+
+@st.composite
 def inputs_for(draw, loss: losses.BoundLoss) -> dict[str, torch.Tensor]:
     """Every input the bound loss requires or accepts (the way ``tests/losses/_inputs.make_inputs`` builds them)."""
     req = loss.requirements
-    if req.kind == "group":
-        batch = draw(groups())
+    if req.kind in ("group", "token"):
+        batch = draw(groups() if req.kind == "group" else token_batches())
         return {k: v for k, v in batch.items() if k in req.inputs or k in req.optional_inputs}
     batch = draw(batches())
     wanted = set(req.inputs) | set(req.optional_inputs)
@@ -189,8 +209,9 @@ def test_finite_inputs_give_finite_outputs(name, data):
         return
     assert torch.isfinite(out.loss), out.loss
     assert torch.isfinite(out.per_example).all(), out.per_example
-    rows = inputs["policy_logps" if loss.requirements.kind == "group" else "policy_chosen_logps"].shape[:1]
-    assert out.per_example.shape == rows  # one value per pair, or per prompt for a group loss
+    key = {"group": "policy_logps", "token": "policy_token_logps"}.get(loss.requirements.kind, "policy_chosen_logps")
+    rows = inputs[key].shape[:1]
+    assert out.per_example.shape == rows  # one value per pair, per prompt for a group loss, per completion for token
     assert out.loss.item() == out.per_example.mean().item()
     for key, value in out.metrics.items():
         assert torch.isfinite(value).all(), (key, value)

@@ -38,13 +38,15 @@ ISSUE_NAMES = {  # the pairwise losses
 }
 REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft"}  # and mpo with pair_center="none"
 GROUP_NAMES = {"rloo"}  # k sampled completions per prompt
+TOKEN_NAMES = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo"}  # per-token losses, the GRPO family
 
 
 def test_available_is_sorted_and_complete():
     names = losses.available()
     assert names == sorted(names)
-    assert set(names) == ISSUE_NAMES | GROUP_NAMES
+    assert set(names) == ISSUE_NAMES | GROUP_NAMES | TOKEN_NAMES
     assert {n for n in names if losses.spec(n).kind == "group"} == GROUP_NAMES
+    assert {n for n in names if losses.spec(n).kind == "token"} == TOKEN_NAMES
 
 
 def test_unknown_name_lists_valid_ones():
@@ -86,6 +88,18 @@ def test_unknown_hyperparameter_lists_valid_ones():
         ("rloo", {"beta": 0.1}, "no hyper-parameter 'beta'; valid: aggregation, kl_coef, kl_estimator"),
         ("combo", {"parts": {"rloo": 1.0}}, "only pairwise losses combine, 'rloo' is group"),
         ("upo", {"base": "rloo"}, "must name a registered pairwise loss other than 'upo', got 'rloo'"),
+        ("grpo", {"beta": -0.1}, "grpo.beta must be a finite number >= 0"),
+        ("grpo", {"epsilon": float("nan")}, "grpo.epsilon must be a finite number >= 0"),
+        ("dapo", {"epsilon_high": -0.28}, "dapo.epsilon_high must be a finite number >= 0"),
+        ("gspo", {"delta": 0.0}, "gspo.delta must be a finite number > 0"),
+        ("dr_grpo", {"max_completion_length": 0}, "dr_grpo.max_completion_length must be a positive integer or None"),
+        ("dr_grpo", {"max_completion_length": 8.5}, "positive integer or None"),
+        ("cispo", {"epsilon_high": 0.0}, "cispo.epsilon_high must be a finite number > 0"),
+        ("cispo", {"epsilon": 0.2}, "no hyper-parameter 'epsilon'; valid: beta, epsilon_high, use_bias_correction_kl"),
+        ("sapo", {"sapo_temperature_neg": 0.0}, "sapo.sapo_temperature_neg must be a finite number > 0"),
+        ("bnpo", {"use_bias_correction_kl": "yes"}, r"bnpo.use_bias_correction_kl must be one of \[True, False\]"),
+        ("combo", {"parts": {"grpo": 1.0}}, "only pairwise losses combine, 'grpo' is token"),
+        ("upo", {"base": "dapo"}, "must name a registered pairwise loss other than 'upo', got 'dapo'"),
     ],
 )
 def test_invalid_hyperparameters_rejected(name, hparams, message):
@@ -154,12 +168,31 @@ def test_group_declarations():
     assert losses.get("rloo", kl_coef=1e-6).needs_reference
 
 
+@pytest.mark.parametrize("name", sorted(TOKEN_NAMES))
+def test_token_declarations(name):
+    """A token loss declares the per-token inputs (not extras); old log-probs are optional, and the reference is
+    required exactly when beta > 0 (each loss has its own ``required_if`` hook)."""
+    free = losses.get(name).requirements
+    assert free.kind == "token"
+    assert free.inputs == ("policy_token_logps", "completion_mask", "advantages")
+    assert free.optional_inputs == ("old_token_logps", "ref_token_logps")
+    assert set(free.inputs + free.optional_inputs) == set(registry.TOKEN_INPUTS)
+    assert losses.TOKEN_INPUTS == registry.TOKEN_INPUTS
+    assert free.extras == () and free.optional_extras == ()
+    assert not free.needs_reference and not free.needs_lengths
+    kl = losses.get(name, beta=0.04).requirements
+    assert kl.inputs == ("policy_token_logps", "completion_mask", "advantages", "ref_token_logps")
+    assert kl.optional_inputs == ("old_token_logps",) and kl.needs_reference and kl.kind == "token"
+
+
 def test_needs_reference_from_either_kind_of_reference_input():
     pair = registry.Requirements(
         inputs=("policy_chosen_logps", *registry.REFERENCE_INPUTS), optional_inputs=(), kind="pair"
     )
     half = registry.Requirements(inputs=("policy_chosen_logps", "ref_chosen_logps"), optional_inputs=(), kind="pair")
     group = registry.Requirements(inputs=("policy_logps", "ref_logps"), optional_inputs=(), kind="group")
+    token = registry.Requirements(inputs=("policy_token_logps", "ref_token_logps"), optional_inputs=(), kind="token")
+    assert token.needs_reference
     optional = registry.Requirements(inputs=("policy_logps",), optional_inputs=("ref_logps",), kind="group")
     assert pair.needs_reference and group.needs_reference
     assert not half.needs_reference and not optional.needs_reference

@@ -151,7 +151,11 @@ def test_every_pairwise_loss_gets_a_row(tmp_path):
     text = exact.fixed_point_table(cfg, PROBLEM, 0.5, results)
     pairwise = {n for n in losses.available() if losses.spec(n).kind == "pair"}
     assert {r["loss"] for r in results.rows} == pairwise | {"π_ref", "π*_DPO", "π*_IPO"}
-    assert "Not evaluated: `rloo` (group loss" in text
+    # every other loss (group: rloo; token: the GRPO family) is listed as not evaluated, after "Not evaluated: "
+    not_evaluated = text.split("Not evaluated: ")[1]
+    assert "`rloo` (group loss" in not_evaluated
+    for name in sorted(set(losses.available()) - pairwise):
+        assert f"`{name}` (" in not_evaluated, name
 
 
 def test_unknown_loss_is_a_user_error(tmp_path):
