@@ -161,7 +161,7 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     loss_fn = build_loss(settings.loss)
-    layout = _layout(loss_fn, online)
+    layout = _layout(loss_fn, tcfg)
     required, optional = plan(loss_fn, layout.names)  # an input nobody supplies fails before anything is built
     accelerator = _accelerator(tcfg, run_dir)
     device = accelerator.device
@@ -232,16 +232,17 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
     )  # fmt: skip
 
 
-def _layout(loss_fn: losses.BoundLoss, online: bool):
-    """The step's layout for the loss's kind (pairs or groups); group losses sample their groups online."""
-    kind = loss_fn.requirements.kind
+def _layout(loss_fn: losses.BoundLoss, settings: TrainerSettings):
+    """The step's layout for the loss's kind (pairs, groups or per-token groups); group and token losses sample
+    their groups online."""
+    kind, online = loss_fn.requirements.kind, settings.source == "online"
     if kind not in LAYOUTS:
         raise ConfigError(f"loss '{loss_fn.name}' is of kind {kind!r}, which no step trains")
-    if kind == "group" and not online:
+    if kind in ("group", "token") and not online:
         raise ConfigError(
-            f"loss '{loss_fn.name}' is a group loss (k sampled completions per prompt); train it with trainer=online"
+            f"loss '{loss_fn.name}' is a {kind} loss (k sampled completions per prompt); train it with trainer=online"
         )
-    return LAYOUTS[kind]()
+    return LAYOUTS[kind](settings.online.scale_rewards) if kind == "token" else LAYOUTS[kind]()
 
 
 def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:

@@ -93,19 +93,16 @@ def _plain_head(model: torch.nn.Module) -> bool:
     return not scaled and hasattr(model, "base_model_prefix") and model.get_output_embeddings() is not None
 
 
-def sequence_logps(
+def _completion_logps(
     model: torch.nn.Module,
-    input_ids: Tensor,  # [N, T] prompt + completion, right-padded
-    attention_mask: Tensor,  # [N, T]
-    completion_mask: Tensor,  # [N, T] 1 on completion tokens (incl. EOS), 0 on prompt and padding
-    *,
-    chunk_size: int | None = None,
-    buckets: bool | int = True,
-) -> Tensor:
-    """Summed log-prob of each row's completion tokens, fp32 [N] (one-token shift: position t predicts t + 1).
-
-    ``buckets``: True = length buckets with the device's default overhead (:func:`bucket_overhead`), an int = that
-    overhead in padded tokens, False = one forward over the whole padded batch."""
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    chunk_size: int | None,
+    buckets: bool | int,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """fp32 log-probs of every completion token (one-token shift), with the row of each and its position within its
+    row's completion (0 = first completion token); None when no row has a completion token."""
     if hasattr(model, "get_base_model"):  # a peft model: its base model runs the injected adapter layers
         model = model.get_base_model()
     n_rows = input_ids.shape[0]
@@ -119,7 +116,7 @@ def sequence_logps(
             groups = plan_buckets(lengths, overhead)
     plain = _plain_head(model)
     backbone = getattr(model, model.base_model_prefix) if plain else model
-    states, targets, rows = [], [], []
+    states, targets, rows, places = [], [], [], []
     for group in groups:
         if group is None:
             ids, attention, completion, index = input_ids, attention_mask, completion_mask, None
@@ -132,16 +129,62 @@ def sequence_logps(
             continue
         row_ids = torch.arange(ids.shape[0], device=ids.device) if index is None else index
         rows.append(row_ids[:, None].expand_as(target_mask)[target_mask])
+        places.append((target_mask.long().cumsum(dim=1) - 1)[target_mask])
         targets.append(ids[:, 1:][target_mask])
         out = backbone(input_ids=ids, attention_mask=attention, use_cache=False)
         hidden = out.last_hidden_state if plain else out.logits
         states.append(hidden[:, :-1][target_mask])
-    summed = torch.zeros(n_rows, dtype=torch.float32, device=input_ids.device)
     if not states:
-        return summed
+        return None
     head = model.get_output_embeddings() if plain else torch.nn.Identity()
-    token_logps = selective_log_softmax(_cat(states), _cat(targets), head, chunk_size)
-    return summed.index_add(0, _cat(rows), token_logps)
+    return selective_log_softmax(_cat(states), _cat(targets), head, chunk_size), _cat(rows), _cat(places)
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: Tensor,  # [N, T] prompt + completion, right-padded
+    attention_mask: Tensor,  # [N, T]
+    completion_mask: Tensor,  # [N, T] 1 on completion tokens (incl. EOS), 0 on prompt and padding
+    *,
+    chunk_size: int | None = None,
+    buckets: bool | int = True,
+) -> Tensor:
+    """Summed log-prob of each row's completion tokens, fp32 [N] (one-token shift: position t predicts t + 1).
+
+    ``buckets``: True = length buckets with the device's default overhead (:func:`bucket_overhead`), an int = that
+    overhead in padded tokens, False = one forward over the whole padded batch."""
+    summed = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    found = _completion_logps(model, input_ids, attention_mask, completion_mask, chunk_size, buckets)
+    if found is None:
+        return summed
+    token_logps, rows, _ = found
+    return summed.index_add(0, rows, token_logps)
+
+
+def token_logps(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    chunk_size: int | None = None,
+    buckets: bool | int = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-token completion log-probs, fp32 ``[N, L]`` left-aligned (column 0 = each row's first completion token,
+    L = the longest completion), and the ``[N, L]`` mask of real tokens; summing a row over its mask gives
+    :func:`sequence_logps`. Same forward, buckets and chunked head."""
+    n = input_ids.shape[0]
+    found = _completion_logps(model, input_ids, attention_mask, completion_mask, chunk_size, buckets)
+    if found is None:
+        empty = torch.zeros((n, 0), dtype=torch.float32, device=input_ids.device)
+        return empty, empty
+    values, rows, places = found
+    width = int(places.max()) + 1
+    out = torch.zeros((n, width), dtype=values.dtype, device=values.device)
+    mask = torch.zeros((n, width), dtype=values.dtype, device=values.device)
+    out = out.index_put((rows, places), values)
+    mask = mask.index_put((rows, places), torch.ones_like(values))
+    return out, mask
 
 
 def _cat(tensors: list[Tensor]) -> Tensor:

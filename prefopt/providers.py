@@ -212,15 +212,25 @@ class ReferenceInputs(Provider):
 
     def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
         with torch.no_grad():
-            values = self.reference.logps(micro.rows, buckets=self.buckets)
+            if getattr(micro.layout, "per_token", False):
+                values = self.reference.token_logps(micro.rows)
+            else:
+                values = self.reference.logps(micro.rows, buckets=self.buckets)
         return micro.layout.named(values.to(micro.device), self.names, len(micro.items))
 
 
 def _reference_names(kind: str) -> tuple[str, ...]:
-    return ("ref_logps",) if kind == "group" else ("ref_chosen_logps", "ref_rejected_logps")
+    names = {"group": ("ref_logps",), "token": ("ref_token_logps",)}
+    return names.get(kind, ("ref_chosen_logps", "ref_rejected_logps"))
 
 
-@register_provider("reference", _reference_names, when_optional=lambda ctx: ctx.reference is not None)
+def _reference_when_optional(ctx: ProviderContext) -> bool:
+    """Supply an optional reference input when the run has a reference; per-token values cost a reference forward
+    per step (tables and the online memo hold sums), so a token loss gets them only when it requires them."""
+    return ctx.reference is not None and ctx.kind != "token"
+
+
+@register_provider("reference", _reference_names, when_optional=_reference_when_optional)
 def _reference(ctx: ProviderContext) -> Provider:
     if ctx.reference is None:
         raise ConfigError("this loss needs a reference, but the run built none")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from prefopt.batching import collate
 from prefopt.cache import cached, load_tensors, save_tensors, sequence_key
-from prefopt.logps import sequence_logps
+from prefopt.logps import sequence_logps, token_logps
 
 __all__ = ["Reference", "frozen_copy", "logps_of"]
 
@@ -131,6 +131,22 @@ class Reference:
     def is_live(self) -> bool:
         """Whether this reference runs a model during training (no table)."""
         return self.model is not None and not self.table
+
+    @torch.no_grad()
+    def token_logps(self, sequences: Sequence[dict]) -> Tensor:
+        """[N, L] fp32 per-token reference log-probs of ``sequences`` (left-aligned, as
+        :func:`prefopt.logps.token_logps`), from the live model: tables hold only sums."""
+        if self.model is None:
+            raise RuntimeError("per-token reference log-probs need a live reference model (online runs have one)")
+        batch = collate(list(sequences), self.pad_id).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.off():
+                values, _ = token_logps(self.model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        finally:
+            self.model.train(was_training)
+        return values
 
     def remember(self, sequences: Sequence[dict], values: Tensor) -> None:
         """Keep values just computed for ``sequences`` (online samples) until :meth:`forget`."""

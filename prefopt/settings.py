@@ -138,8 +138,10 @@ class SamplingSettings(_FromMapping):
     eval_samples_per_prompt: int = 2
     table_every: int = 20
     table_rows: int = 4
+    scale_rewards: str = "group"  # token losses' advantages (losses.group_advantages): group | batch | none
 
     def validate(self) -> None:
+        _one_of(self.GROUP, "scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         if self.samples_per_prompt < 2:
             raise ConfigError(
                 f"trainer.online.samples_per_prompt must be >= 2 to rank samples, got {self.samples_per_prompt}"

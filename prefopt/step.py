@@ -21,11 +21,20 @@ from torch import Tensor
 
 import losses
 from prefopt.batching import collate
-from prefopt.logps import sequence_logps
+from prefopt.logps import sequence_logps, token_logps
 from prefopt.metrics import Averager
 from prefopt.providers import MicroBatch, Own, Provider
 
-__all__ = ["PairLayout", "GroupLayout", "LAYOUTS", "Step", "forward_backward", "NonFiniteGuard", "NonFiniteTraining"]
+__all__ = [
+    "PairLayout",
+    "GroupLayout",
+    "TokenLayout",
+    "LAYOUTS",
+    "Step",
+    "forward_backward",
+    "NonFiniteGuard",
+    "NonFiniteTraining",
+]
 
 log = logging.getLogger("prefopt")
 
@@ -75,7 +84,29 @@ class GroupLayout:
         }
 
 
-LAYOUTS = {"pair": PairLayout, "group": GroupLayout}
+class TokenLayout(GroupLayout):
+    """Groups as :class:`GroupLayout`, for token-level losses: per-token policy log-probs ``[N, L]`` (N = G·K rows,
+    left-aligned, L = the longest completion), their ``completion_mask`` and one advantage per completion from the
+    group's rewards (:func:`losses.group_advantages`, TRL's computation; ``scale_rewards`` as TRL's)."""
+
+    kind = "token"
+    per_token = True
+    names = ("policy_token_logps", "completion_mask", "advantages")
+
+    def __init__(self, scale_rewards: str = "group"):
+        self.scale_rewards = scale_rewards
+
+    def named(self, values: Tensor, names: Sequence[str], n_items: int) -> dict[str, Tensor]:
+        """Per-row values ``[N, ...]`` unchanged: token losses take one row per completion."""
+        return {names[0]: values}
+
+    def inputs(self, items: Sequence[dict], logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        rewards = torch.tensor([g["rewards"] for g in items], dtype=torch.float32, device=logps.device)
+        advantages = losses.group_advantages(rewards, scale_rewards=self.scale_rewards)
+        return {"policy_token_logps": logps, "completion_mask": mask, "advantages": advantages}
+
+
+LAYOUTS = {"pair": PairLayout, "group": GroupLayout, "token": TokenLayout}
 
 
 @dataclass
@@ -109,11 +140,19 @@ class Step:
         batch = collate(rows + [row for own in added for row in own], self.pad_id)
         tokens = int(batch.attention_mask.sum())
         batch = batch.to(self.device)
-        logps = sequence_logps(
-            policy, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=self.buckets
-        )
         n = len(rows)
-        inputs = self.layout.inputs(items, logps[:n], batch.lengths[:n])
+        if getattr(self.layout, "per_token", False):  # token losses: [N, L] values of the layout's rows
+            values, mask = token_logps(
+                policy, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=self.buckets
+            )
+            logps = (values * mask).sum(dim=-1)  # what providers' own rows get
+            width = int(batch.lengths[:n].max())
+            inputs = self.layout.inputs(items, values[:n, :width], mask[:n, :width])
+        else:
+            logps = sequence_logps(
+                policy, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=self.buckets
+            )
+            inputs = self.layout.inputs(items, logps[:n], batch.lengths[:n])
         start = n
         for provider, own in zip(self.providers, added, strict=True):
             end = start + len(own)

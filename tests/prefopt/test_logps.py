@@ -169,3 +169,39 @@ def test_small_logits_are_kept_large_ones_recomputed(monkeypatch):
     assert kept_calls == 0 and recomputed_calls == 1
     torch.testing.assert_close(kept, recomputed)
     torch.testing.assert_close(kept_grad, recomputed_grad)
+
+
+@pytest.mark.parametrize("buckets", [True, False, 0])
+def test_token_logps_sum_to_the_sequence_logps(buckets):
+    """Per-token values (left-aligned, masked) summed per row equal sequence_logps, with unequal prompt and completion
+    lengths; the mask marks exactly each row's completion tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefopt.batching import collate
+    from prefopt.logps import token_logps
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlamaForCausalLM(config).eval()
+    rows = [
+        {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]},
+        {"prompt_ids": [6], "completion_ids": [7, 8, 9, 10, 11]},
+        {"prompt_ids": [12, 13, 14, 15, 16], "completion_ids": [17]},
+    ]
+    batch = collate(rows, 0)
+    values, mask = token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=buckets)
+    summed = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=buckets)
+    assert values.shape == mask.shape == (3, 5)
+    assert mask.sum(dim=1).tolist() == [2, 5, 1] and mask[0].tolist() == [1, 1, 0, 0, 0]
+    assert torch.allclose((values * mask).sum(dim=1), summed, atol=1e-5)
+    with torch.no_grad():  # the second row's third completion token, by hand
+        logits = model(input_ids=torch.tensor([[6, 7, 8, 9, 10, 11]])).logits[0]
+    assert values[1, 2].item() == pytest.approx(torch.log_softmax(logits[2], -1)[9].item(), abs=1e-5)
+    assert (values[mask == 0] == 0).all()

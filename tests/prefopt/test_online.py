@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import losses
 import prefopt
 from losses.alarm import alarm_reward
 from prefopt.config import ConfigError
@@ -60,7 +61,11 @@ def rewards_by_step(summary: dict) -> list[float]:
 
 @pytest.mark.parametrize(
     ("loss", "extra"),
-    [("dpo", ["loss.beta=0.1", "trainer.lr=2e-3"]), ("rloo", ["loss.kl_coef=0.01", "trainer.lr=2e-3"])],
+    [
+        ("dpo", ["loss.beta=0.1", "trainer.lr=2e-3"]),
+        ("rloo", ["loss.kl_coef=0.01", "trainer.lr=2e-3"]),
+        ("grpo", ["loss.beta=0.01", "trainer.lr=2e-3"]),  # token level, with its per-token KL to the reference
+    ],
 )
 def test_online_training_raises_the_reward(tmp_path, cache_dir, loss, extra):
     summary = run(tmp_path, cache_dir, f"loss={loss}", "reward=lexicon", "trainer.max_steps=24", *extra)
@@ -93,6 +98,56 @@ def test_online_upo_and_mpo_get_their_inputs(tmp_path, cache_dir):
     for loss in ("upo", "mpo"):
         summary = run(tmp_path, cache_dir, f"loss={loss}", "trainer.max_steps=2", name=loss)
         assert summary["steps"] == 2 and "loss" in summary["train"]
+
+
+TOKEN_LOSSES = [n for n in losses.available() if losses.spec(n).kind == "token"]
+
+
+@pytest.mark.parametrize("loss", TOKEN_LOSSES)
+def test_every_token_loss_trains_online(tmp_path, cache_dir, loss):
+    summary = run(tmp_path, cache_dir, f"loss={loss}", "reward=length", "trainer.max_steps=2", name=loss)
+    trained = [line for line in lines(summary) if "loss" in line]
+    assert [line["step"] for line in trained] == [1, 2]
+    assert all(v == v for line in trained for v in line.values() if isinstance(v, float))  # finite, no NaN
+
+
+def test_token_loss_inputs_are_the_rows_per_token_values(tmp_path, cache_dir, monkeypatch):
+    """What a token loss receives: [N, L] policy and reference log-probs of the sampled rows (left-aligned, L = the
+    longest completion of the micro-batch), the mask of each row's tokens, one advantage per completion from its
+    group's rewards; the reference's values equal the policy's at step 1 (the policy is the reference)."""
+    seen = []
+    real = losses.get("grpo", beta=0.1)
+
+    def spy(**inputs):
+        seen.append({k: v.detach().clone() for k, v in inputs.items()})
+        return real(**inputs)
+
+    from prefopt import build as build_module
+
+    original = build_module.build_loss
+    monkeypatch.setattr(build_module, "build_loss", lambda cfg: _Wrapped(original(cfg), spy))
+    run(tmp_path, cache_dir, "loss=grpo", "loss.beta=0.1", "reward=length", "trainer.max_steps=1", name="spy")
+    first = seen[0]
+    n, width = first["policy_token_logps"].shape
+    assert first["completion_mask"].shape == (n, width) and first["advantages"].shape == (n,)
+    assert first["completion_mask"].sum(dim=1).max() == width  # L is the longest completion
+    assert torch.allclose(first["ref_token_logps"], first["policy_token_logps"], atol=1e-5)
+    assert (first["policy_token_logps"][first["completion_mask"] == 0] == 0).all()
+    groups = first["advantages"].reshape(-1, 4)  # K = 4 samples per prompt
+    assert torch.allclose(groups.mean(dim=1), torch.zeros(len(groups)), atol=1e-5)  # group-centred
+
+
+class _Wrapped:
+    """A bound loss whose call goes through ``fn`` (to see its inputs); everything else is the loss's."""
+
+    def __init__(self, loss, fn):
+        self._loss, self._fn = loss, fn
+
+    def __getattr__(self, name):
+        return getattr(self._loss, name)
+
+    def __call__(self, **inputs):
+        return self._fn(**inputs)
 
 
 def test_group_loss_offline_is_a_config_error(tmp_path, cache_dir):
