@@ -143,13 +143,12 @@ def _agree(accelerator, problem: str | None) -> str | None:
 
 
 def _finish(run: Run, step: int, started: float, guard, last_train, last_eval, writer) -> dict[str, Any]:
-    """Save ``final/`` (model or adapter + tokenizer, ``save_pretrained``) and ``summary.json``; return the summary."""
+    """Save ``final/`` (model or adapter + tokenizer, ``save_pretrained``, and the model card) and ``summary.json``;
+    return the summary. Every process waits for the main one's writes before accelerate tears the process group
+    down, so all of them leave together: a gloo group whose peer has already exited can hang its process's teardown
+    (seen with DDP on CPUs)."""
     accelerator, final_dir = run.accelerator, run.run_dir / "final"
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(run.policy), final_dir, run.settings.adapters)
-        run.tokenizer.save_pretrained(final_dir)
-    accelerator.end_training()
     summary = {
         **run.summary,
         "nonfinite_steps": guard.total,
@@ -163,10 +162,14 @@ def _finish(run: Run, step: int, started: float, guard, last_train, last_eval, w
         "data_stats": run.data.stats,
     }
     if accelerator.is_main_process:
+        save_final(accelerator.unwrap_model(run.policy), final_dir, run.settings.adapters)
+        run.tokenizer.save_pretrained(final_dir)
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (final_dir / "README.md").write_text(model_card(run.settings.resolved, summary, summary.get("command")))
-        if run.settings.trainer.push_to_hub:
-            push_to_hub(final_dir, run.settings.trainer.push_to_hub)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.is_main_process and run.settings.trainer.push_to_hub:
+        push_to_hub(final_dir, run.settings.trainer.push_to_hub)
     return summary
 
 
