@@ -26,6 +26,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, source, keep_last: in
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    own = source.process_state()  # e.g. the online source's held draw, one file per process
+    if own is not None:
+        (tmp / f"source_state_{accelerator.process_index}.json").write_text(json.dumps(own))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **source.state()}))
         if final.exists():
@@ -66,5 +70,7 @@ def resume(accelerator, where: Resume, run_dir: Path, source) -> int:
     accelerator.load_state(str(path))
     state = json.loads((path / "trainer_state.json").read_text())
     source.load_state(state)
+    own = path / f"source_state_{accelerator.process_index}.json"
+    source.load_process_state(json.loads(own.read_text()) if own.exists() else None)
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])

@@ -139,9 +139,12 @@ class SamplingSettings(_FromMapping):
     table_every: int = 20
     table_rows: int = 4
     scale_rewards: str = "group"  # token losses' advantages (losses.group_advantages): group | batch | none
+    num_iterations: int = 1  # optimizer steps on each draw of samples (TRL's num_iterations, the papers' mu)
 
     def validate(self) -> None:
         _one_of(self.GROUP, "scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        if self.num_iterations < 1:
+            raise ConfigError(f"trainer.online.num_iterations must be >= 1, got {self.num_iterations}")
         if self.samples_per_prompt < 2:
             raise ConfigError(
                 f"trainer.online.samples_per_prompt must be >= 2 to rank samples, got {self.samples_per_prompt}"

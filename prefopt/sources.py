@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from prefopt.batching import collate
 from prefopt.generation import decode_completions, sample_completions
+from prefopt.logps import token_logps
 from prefopt.reference import Reference, logps_of
 from prefopt.scoring import Scores
 from prefopt.settings import SamplingSettings
@@ -94,6 +96,12 @@ class OfflineSource:
     def load_state(self, state: dict[str, Any]) -> None:
         self.order.load_state(state)
 
+    def process_state(self) -> dict[str, Any] | None:
+        return None  # nothing per process: the data position is global
+
+    def load_process_state(self, state: dict[str, Any] | None) -> None:
+        pass
+
 
 def unique_prompts(examples: Sequence[dict]) -> list[dict]:
     """Distinct prompts (by token ids) of ``examples``, in first-seen order: ``{prompt, prompt_ids}``."""
@@ -136,6 +144,8 @@ class OnlineSource:
         self.k = settings.samples_per_prompt
         self.order = Order(len(prompts), seed)
         self.accumulation = batch_size // (micro_batch_size * world)
+        self.iterations = settings.num_iterations
+        self.held: tuple[int, Draw] | None = None  # (draw index, draw) reused for num_iterations steps
 
     # ------------------------------------------------------------------------------------------------ sampling
     def generate(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
@@ -208,6 +218,18 @@ class OnlineSource:
 
     # ----------------------------------------------------------------------------------------------- one step
     def draw(self, policy, step: int) -> Draw:
+        """This process's micro-batches for ``step``: a new draw of samples every ``num_iterations`` steps, the held
+        one in between (held in the checkpoint too, so a run resumed between iterations trains on the same
+        samples)."""
+        index = step // self.iterations
+        if self.held is not None and self.held[0] == index:
+            return self.held[1]
+        draw = self._new_draw(policy, step)
+        if self.iterations > 1:
+            self.held = (index, draw)
+        return draw
+
+    def _new_draw(self, policy, step: int) -> Draw:
         indices = self.order.take(self.batch_size)[self.rank :: self.world]
         prompts = [self.prompts[i] for i in indices]
         sampled = self.sample(policy, prompts, self.k, seed=f"{self.seed}/online/{step}/{self.rank}")
@@ -215,6 +237,8 @@ class OnlineSource:
             observe(sampled)
         build = self._pairs if self.kind == "pair" else self._groups
         per_prompt, dropped = build(sampled, len(prompts))
+        if self.kind == "token" and self.iterations > 1:  # the sampling policy's per-token log-probs
+            self._attach_old_logps(policy, [g for groups in per_prompt for g in groups])
         size = self.micro_batch_size
         micro_batches = [sum(per_prompt[m * size : (m + 1) * size], []) for m in range(self.accumulation)]
         metrics = self._metrics(sampled, "online/")
@@ -271,6 +295,25 @@ class OnlineSource:
             per_prompt.append([group])
         return per_prompt, tied
 
+    @torch.no_grad()
+    def _attach_old_logps(self, policy, groups: list[dict]) -> None:
+        """Each group's ``old_token_logps``: per completion, its tokens' log-probs under the policy that sampled
+        them (what the later iterations' importance ratios divide by)."""
+        rows = [{"prompt_ids": g["prompt_ids"], "completion_ids": c} for g in groups for c in g["completions"]]
+        if not rows:
+            return
+        was_training = policy.training
+        policy.eval()
+        values = []
+        size = self.sampling.generation_batch_size
+        for start in range(0, len(rows), size):
+            batch = collate(rows[start : start + size], self.tokenizer.pad_token_id).to(self.device)
+            chunk, mask = token_logps(policy, batch.input_ids, batch.attention_mask, batch.completion_mask)
+            values += [row[: int(n)] for row, n in zip(chunk.cpu().tolist(), mask.sum(dim=1).tolist(), strict=True)]
+        policy.train(was_training)
+        for g in groups:
+            g["old_token_logps"], values = values[: len(g["completions"])], values[len(g["completions"]) :]
+
     def _table(self, sampled: dict) -> list[dict]:
         rows = []
         scores: Scores = sampled["scores"]
@@ -296,3 +339,17 @@ class OnlineSource:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.order.load_state(state)
+
+    def process_state(self) -> dict[str, Any] | None:
+        """This process's held draw (between iterations over one draw of samples), for the checkpoint."""
+        if self.held is None:
+            return None
+        index, draw = self.held
+        return {"index": index, "micro_batches": draw.micro_batches, "metrics": draw.metrics, "table": draw.table}
+
+    def load_process_state(self, state: dict[str, Any] | None) -> None:
+        self.held = (
+            None
+            if state is None
+            else (int(state["index"]), Draw(state["micro_batches"], state["metrics"], state["table"]))
+        )

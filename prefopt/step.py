@@ -103,7 +103,13 @@ class TokenLayout(GroupLayout):
     def inputs(self, items: Sequence[dict], logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
         rewards = torch.tensor([g["rewards"] for g in items], dtype=torch.float32, device=logps.device)
         advantages = losses.group_advantages(rewards, scale_rewards=self.scale_rewards)
-        return {"policy_token_logps": logps, "completion_mask": mask, "advantages": advantages}
+        out = {"policy_token_logps": logps, "completion_mask": mask, "advantages": advantages}
+        if all("old_token_logps" in g for g in items):  # the sampling policy's values (num_iterations > 1)
+            old = torch.zeros_like(logps)
+            for row, values in enumerate(v for g in items for v in g["old_token_logps"]):
+                old[row, : len(values)] = torch.tensor(values, dtype=logps.dtype)
+            out["old_token_logps"] = old
+        return out
 
 
 LAYOUTS = {"pair": PairLayout, "group": GroupLayout, "token": TokenLayout}

@@ -398,3 +398,46 @@ def test_fixed_normalisation_equals_the_authors_completeness_arithmetic():
             theirs = [0.0] * (n - 1) + [1 / (1 + math.exp(-x)) if shaping else x]
             assert ours[row, :n].tolist() == pytest.approx(theirs, abs=1e-5)
             assert ours[row, n:].abs().sum().item() == 0.0
+
+
+def test_num_iterations_reuses_each_draw_with_the_sampling_policys_log_probs(tmp_path, cache_dir, monkeypatch):
+    """trainer.online.num_iterations=2: two optimizer steps per draw of samples; token losses get the sampling
+    policy's per-token log-probs as old_token_logps, equal to the policy's at the draw's first step and not at its
+    second (the policy has moved)."""
+    seen = []
+    real = losses.get("grpo")
+
+    def spy(**inputs):
+        seen.append({k: v.detach().clone() for k, v in inputs.items()})
+        return real(**inputs)
+
+    from prefopt import build as build_module
+
+    original = build_module.build_loss
+    monkeypatch.setattr(build_module, "build_loss", lambda cfg: _Wrapped(original(cfg), spy))
+    summary = run(
+        tmp_path,
+        cache_dir,
+        "loss=grpo",
+        "reward=length",
+        "trainer.max_steps=4",
+        "trainer.online.num_iterations=2",
+        "trainer.lr=5e-3",
+        name="mu",
+    )
+    curve = rewards_by_step(summary)
+    assert curve[0] == curve[1] and curve[2] == curve[3] and curve[1] != curve[2]  # one draw per two steps
+    first, second = seen[0], seen[1]
+    assert torch.equal(first["old_token_logps"], second["old_token_logps"])
+    assert torch.allclose(first["old_token_logps"], first["policy_token_logps"], atol=1e-5)
+    assert not torch.allclose(second["old_token_logps"], second["policy_token_logps"], atol=1e-4)
+
+
+def test_resume_between_iterations_over_one_draw_continues_the_same_trajectory(tmp_path, cache_dir):
+    common = ["loss=grpo", "reward=length", "trainer.max_steps=4", "trainer.online.num_iterations=2", "trainer.lr=5e-3"]
+    full = run(tmp_path, cache_dir, *common, "trainer.save_every=1", name="full")
+    checkpoint = Path(full["run_dir"]) / "checkpoints" / "step-1"  # after the first of the draw's two steps
+    assert (checkpoint / "source_state_0.json").exists()
+    resumed = run(tmp_path, cache_dir, *common, f"trainer.resume={checkpoint}", name="resumed")
+    tail = [line["loss"] for line in lines(full) if "loss" in line and line["step"] > 1]
+    assert [line["loss"] for line in lines(resumed) if "loss" in line] == tail  # bit-identical
