@@ -13,6 +13,10 @@ Token losses (kind "token", the GRPO family: ``grpo``, ``bnpo``, ``dr_grpo``, ``
 ``gspo``) take per-token ``policy_token_logps, old_token_logps, ref_token_logps, completion_mask`` ``[N, T]`` and
 ``advantages`` ``[N]`` or ``[N, T]`` (``TOKEN_INPUTS``); ``group_advantages`` computes GRPO's advantages from rewards.
 
+Unpaired losses (kind "unpaired", KTO's family: ``kto``, ``apo_zero_unpaired``) take N single completions labelled
+desirable or undesirable: ``policy_logps, ref_logps, labels`` ``[N]`` and, for KTO's KL reference point, the log-probs
+of M mismatched (prompt, completion) pairs ``policy_kl_logps, ref_kl_logps`` ``[M]`` (``UNPAIRED_INPUTS``).
+
 Depends on torch only. Third-party packages register more losses through the ``prefopt.losses`` entry-point group.
 """
 
@@ -40,6 +44,7 @@ from losses.grpo import (
     sapo_loss,
 )
 from losses.ipo import ipo_loss, sppo_hard_loss
+from losses.kto import apo_zero_unpaired_loss, kl_reference_point, kto_loss
 from losses.mpo import mpo_loss
 from losses.pairwise import apo_down_loss, apo_zero_loss, bco_pair_loss, exo_pair_loss, nca_pair_loss
 from losses.policy_gradient import rloo_loss
@@ -47,6 +52,7 @@ from losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
 from losses.registry import (
     GROUP_INPUTS,
     TOKEN_INPUTS,
+    UNPAIRED_INPUTS,
     BoundLoss,
     LossSpec,
     Requirements,
@@ -106,6 +112,10 @@ __all__ = [
     "gspo_loss",
     "group_advantages",
     "TOKEN_INPUTS",
+    "kto_loss",
+    "apo_zero_unpaired_loss",
+    "kl_reference_point",
+    "UNPAIRED_INPUTS",
     "alarm",
     "AlarmReward",
     "alarm_reward",

@@ -16,6 +16,13 @@ Token losses (``kind="token"``, the GRPO family: ``grpo``, ``dapo``, ``gspo`` ..
 ``ref_token_logps [N, T]`` (only when the loss's ``beta > 0``), ``completion_mask [N, T]`` (1 on completion tokens,
 0 on padding) and ``advantages`` ``[N]`` or ``[N, T]`` (computed outside the loss, e.g. ``losses.group_advantages``).
 
+Unpaired losses (``kind="unpaired"``, KTO's family: ``kto``, ``apo_zero_unpaired``) take N single completions, each
+labelled desirable or undesirable, instead of pairs (``UNPAIRED_INPUTS``): ``policy_logps [N]`` and ``ref_logps [N]``
+(summed log-probs; the same names as the group inputs, which are ``[G, K]`` there), ``labels [N]`` (bool, True =
+desirable) and, for KTO's KL reference point, ``policy_kl_logps [M]`` and ``ref_kl_logps [M]``: the log-probs of M
+mismatched (prompt, completion) pairs (TRL pairs each prompt of the batch with another row's completion), required
+only by the losses that use them.
+
 So a trainer reads ``needs_reference``, ``extras`` and ``kind`` from ``losses.get(name).requirements`` and builds its
 batch (and skips the reference model) from that alone. Composite losses (``upo``, ``combo``) take ``**inputs`` and
 give a ``requires`` hook that derives their needs from their hyper-parameters (e.g. ``upo`` over ``simpo`` needs no
@@ -42,6 +49,7 @@ __all__ = [
     "REFERENCE_INPUTS",
     "GROUP_INPUTS",
     "TOKEN_INPUTS",
+    "UNPAIRED_INPUTS",
     "Requirements",
     "LossSpec",
     "BoundLoss",
@@ -65,9 +73,14 @@ STANDARD_INPUTS = ("policy_chosen_logps", "policy_rejected_logps", *REFERENCE_IN
 GROUP_INPUTS = ("policy_logps", "ref_logps", "rewards", "lengths")  # kind "group": each [G prompts, K samples]
 # kind "token": [N completions, T tokens] each, advantages [N] or [N, T]
 TOKEN_INPUTS = ("policy_token_logps", "old_token_logps", "ref_token_logps", "completion_mask", "advantages")
-# what a trainer passes to any loss; dropped when unused
-_BATCH_INPUTS = (*STANDARD_INPUTS, *GROUP_INPUTS, *TOKEN_INPUTS)
-KINDS = ("pair", "group", "token")
+# kind "unpaired": [N] single labelled completions (policy_logps / ref_logps as in GROUP_INPUTS, there [G, K]) and
+# [M] mismatched (prompt, completion) pairs for KTO's KL reference point
+UNPAIRED_INPUTS = ("policy_logps", "ref_logps", "labels", "policy_kl_logps", "ref_kl_logps")
+# what a trainer passes to any loss; dropped when unused (each name once: the group and unpaired kinds share two)
+_BATCH_INPUTS = tuple(dict.fromkeys((*STANDARD_INPUTS, *GROUP_INPUTS, *TOKEN_INPUTS, *UNPAIRED_INPUTS)))
+# the reference inputs of the group, token and unpaired kinds (the pair kind needs both of REFERENCE_INPUTS)
+_KIND_REFERENCE_INPUTS = ("ref_logps", "ref_token_logps", "ref_kl_logps")
+KINDS = ("pair", "group", "token", "unpaired")
 ENTRY_POINT_GROUP = "prefopt.losses"
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -126,13 +139,15 @@ class Requirements:
 
     inputs: tuple[str, ...]  # every required tensor input, standard and extra
     optional_inputs: tuple[str, ...]  # used when given
-    kind: str  # "pair" (chosen vs rejected), "group" (k samples per prompt) or "token" (per-token, GRPO family)
+    # "pair" (chosen vs rejected), "group" (k samples per prompt), "token" (per-token, GRPO family) or "unpaired"
+    # (single completions labelled desirable / undesirable, KTO family)
+    kind: str
 
     @property
-    def needs_reference(self) -> bool:  # ref_chosen/rejected_logps, a group loss's ref_logps, or ref_token_logps
-        return (
-            set(REFERENCE_INPUTS) <= set(self.inputs) or "ref_logps" in self.inputs or "ref_token_logps" in self.inputs
-        )
+    def needs_reference(self) -> bool:
+        """ref_chosen_logps and ref_rejected_logps, or any of a group / unpaired loss's ``ref_logps``, a token loss's
+        ``ref_token_logps`` or an unpaired loss's ``ref_kl_logps``, among the required inputs."""
+        return set(REFERENCE_INPUTS) <= set(self.inputs) or bool(set(_KIND_REFERENCE_INPUTS) & set(self.inputs))
 
     @property
     def needs_lengths(self) -> bool:  # chosen_lengths / rejected_lengths, or a group loss's lengths
@@ -306,9 +321,11 @@ class BoundLoss:
 
     Standard inputs the loss does not use (lengths for DPO, reference log-probs for a reference-free loss) are
     dropped, so one trainer can pass the same batch to any loss; so are the group inputs (``GROUP_INPUTS``), so a
-    trainer can pass the same four ``[G, K]`` tensors to any group loss, and the token inputs (``TOKEN_INPUTS``), so
-    it can pass the same per-token tensors to any token loss (``ref_token_logps`` is ignored where ``beta = 0``). An
-    unknown extra name is an error (a typo would otherwise be ignored silently).
+    trainer can pass the same four ``[G, K]`` tensors to any group loss, the token inputs (``TOKEN_INPUTS``), so
+    it can pass the same per-token tensors to any token loss (``ref_token_logps`` is ignored where ``beta = 0``), and
+    the unpaired inputs (``UNPAIRED_INPUTS``), so it can pass the same five tensors to any unpaired loss (the KL
+    inputs are ignored by ``apo_zero_unpaired``). An unknown extra name is an error (a typo would otherwise be ignored
+    silently).
     """
 
     def __init__(self, spec_: LossSpec, hparams: Mapping[str, Any]):

@@ -20,7 +20,7 @@ import losses
 from prefopt import tables
 from recipes.exact.testbed import (
     GROUP_REASON,
-    TOKEN_REASON,
+    SKIP_REASONS,
     Fit,
     Population,
     Problem,
@@ -91,7 +91,7 @@ def _pairwise_names(cfg: DictConfig) -> tuple[list[str], list[tuple[str, str]]]:
         if name in set(cfg.get("skip") or []):
             skipped.append((name, "skipped by config"))
         elif spec.kind != "pair":
-            skipped.append((name, TOKEN_REASON if spec.kind == "token" else GROUP_REASON))
+            skipped.append((name, SKIP_REASONS.get(spec.kind, GROUP_REASON)))
         else:
             names.append(name)
     return names, skipped

@@ -43,12 +43,16 @@ __all__ = [
     "KINDS",
     "GROUP_REASON",
     "TOKEN_REASON",
+    "UNPAIRED_REASON",
+    "SKIP_REASONS",
 ]
 
 F64 = torch.float64
 KINDS = ("bt", "deterministic")
 GROUP_REASON = "group loss (k on-policy samples per prompt), not pairwise; see tests/losses/test_tabular.py"
 TOKEN_REASON = "token-level policy-gradient loss (per-token log-probs of on-policy samples), not pairwise"
+UNPAIRED_REASON = "unpaired loss (single completions labelled desirable or undesirable), not pairwise"
+SKIP_REASONS = {"group": GROUP_REASON, "token": TOKEN_REASON, "unpaired": UNPAIRED_REASON}
 
 
 # ---------------------------------------------------------------------------------------------------- the problem
@@ -168,7 +172,7 @@ class Population:
     ):
         req = loss.requirements
         if req.kind != "pair":
-            raise Unsupported(TOKEN_REASON if req.kind == "token" else GROUP_REASON)
+            raise Unsupported(SKIP_REASONS.get(req.kind, GROUP_REASON))
         handled = {"reg_logps", "reg_lengths", "aux_rewards_chosen", "aux_rewards_rejected"}
         unknown = [n for n in req.extras if n not in handled]
         if unknown:

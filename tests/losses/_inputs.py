@@ -8,12 +8,19 @@ import yaml
 import losses
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "loss"
-B, R = 5, 4  # pairs (or, for group losses, prompts; for token losses, completions) per batch; regularisation samples
+# pairs (or, for group losses, prompts; for token and unpaired losses, completions) per batch; regularisation samples
+B, R = 5, 4
 K = 4  # samples per prompt for group losses
 T = 6  # padded completion length for token losses
 
 # the input that carries the policy's gradient, and that a test perturbs, for each kind of loss
-POLICY_INPUT = {"pair": "policy_rejected_logps", "group": "policy_logps", "token": "policy_token_logps"}
+POLICY_INPUT = {
+    "pair": "policy_rejected_logps",
+    "group": "policy_logps",
+    "token": "policy_token_logps",
+    "unpaired": "policy_logps",
+}
+UNPAIRED_LABELS = (True, False, True, True, False)  # B rows: unequal sides, 3 desirable and 2 undesirable
 
 
 def config_hparams(name: str) -> dict:
@@ -38,12 +45,15 @@ def _extra(name: str, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
 
 def make_inputs(loss: losses.BoundLoss, seed: int = 0, dtype: torch.dtype = torch.float64) -> dict:
     """Every input the loss requires or accepts, random but valid (log-probs < 0, lengths >= 1); group losses get
-    ``[B, K]`` group inputs (B prompts, K samples each), token losses ``[B, T]`` per-token inputs."""
+    ``[B, K]`` group inputs (B prompts, K samples each), token losses ``[B, T]`` per-token inputs, unpaired losses
+    ``[B]`` labelled completions (and ``[B]`` mismatched pairs)."""
     gen = torch.Generator().manual_seed(seed)
     if loss.requirements.kind == "group":
         return make_group_inputs(loss, gen, dtype)
     if loss.requirements.kind == "token":
         return make_token_inputs(loss, gen, dtype)
+    if loss.requirements.kind == "unpaired":
+        return make_unpaired_inputs(loss, gen, dtype)
     lengths = torch.randint(1, 9, (2, B), generator=gen)
     logps = -(torch.rand(4, B, generator=gen, dtype=dtype) * 1.5 + 0.1) * torch.cat([lengths, lengths]).to(dtype)
     standard = dict(
@@ -94,3 +104,21 @@ def make_token_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch
     )
     req = loss.requirements
     return {k: v for k, v in token.items() if k in req.inputs or k in req.optional_inputs}
+
+
+def make_unpaired_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch.dtype) -> dict:
+    """``policy_logps``, ``ref_logps`` [B] summed over 1..8 tokens, ``labels`` [B] (``UNPAIRED_LABELS``: both sides,
+    unequal), and ``policy_kl_logps``, ``ref_kl_logps`` [B] for the B mismatched pairs TRL builds (each prompt with
+    the previous row's completion), summed over that completion's tokens."""
+    lengths = torch.randint(1, 9, (B,), generator=gen).to(dtype)
+    tokens = torch.stack([lengths, lengths, lengths.roll(1), lengths.roll(1)])
+    logps = -(torch.rand(4, B, generator=gen, dtype=dtype) * 1.5 + 0.1) * tokens
+    unpaired = dict(
+        policy_logps=logps[0],
+        ref_logps=logps[1],
+        labels=torch.tensor(UNPAIRED_LABELS),
+        policy_kl_logps=logps[2],
+        ref_kl_logps=logps[3],
+    )
+    req = loss.requirements
+    return {k: v for k, v in unpaired.items() if k in req.inputs or k in req.optional_inputs}

@@ -1,8 +1,8 @@
 """The contract every registered loss keeps, run over the whole registry with its conf/loss defaults — so a new
 loss is tested the moment it is registered. Pairwise losses (kind "pair") get pair batches ``[B]``; group losses
-(kind "group", K samples per prompt) get ``[B, K]`` group batches, and token losses (kind "token", the GRPO family)
-``[B, T]`` per-token batches; each gets the same generic contract, plus the checks that only make sense for its
-kind."""
+(kind "group", K samples per prompt) get ``[B, K]`` group batches, token losses (kind "token", the GRPO family)
+``[B, T]`` per-token batches, and unpaired losses (kind "unpaired", KTO's family) ``[B]`` labelled completions with
+``[B]`` mismatched pairs; each gets the same generic contract, plus the checks that only make sense for its kind."""
 
 import pytest
 import torch
@@ -16,14 +16,21 @@ KINDS = {name: losses.spec(name).kind for name in NAMES}
 PAIR_NAMES = [n for n in NAMES if KINDS[n] == "pair"]
 GROUP_NAMES = [n for n in NAMES if KINDS[n] == "group"]
 TOKEN_NAMES = [n for n in NAMES if KINDS[n] == "token"]
+UNPAIRED_NAMES = [n for n in NAMES if KINDS[n] == "unpaired"]
 # TRL logs no log-prob metric from its GRPO loss; token losses are held to TRL's clip / KL metric names instead
 # (test_token_trl_metrics).
-LOGPS_METRICS = {"pair": ("logps/chosen", "logps/rejected"), "group": ("logps/policy",), "token": ()}
+LOGPS_METRICS = {
+    "pair": ("logps/chosen", "logps/rejected"),
+    "group": ("logps/policy",),
+    "token": (),
+    "unpaired": ("logps/chosen", "logps/rejected"),  # TRL KTOTrainer: mean S_θ of the desirable / undesirable rows
+}
 
 
 def test_every_loss_is_covered_by_its_kind():
-    """No loss escapes the contract: each is pairwise, group or token, and each kind has its own checks below."""
-    assert sorted(PAIR_NAMES + GROUP_NAMES + TOKEN_NAMES) == NAMES
+    """No loss escapes the contract: each is pairwise, group, token or unpaired, and each kind has its own checks
+    below."""
+    assert sorted(PAIR_NAMES + GROUP_NAMES + TOKEN_NAMES + UNPAIRED_NAMES) == NAMES
     assert set(KINDS.values()) <= set(POLICY_INPUT) == set(LOGPS_METRICS)
 
 
@@ -130,6 +137,61 @@ def test_token_trl_metrics(name):
     assert metrics["kl"].item() >= 0.0
     for key in expected:
         assert 0.0 <= metrics[key].item() <= 1.0, key
+
+
+@pytest.mark.parametrize("name", UNPAIRED_NAMES)
+def test_unpaired_gradcheck(name):
+    """Analytic gradients w.r.t. the policy's and the reference's log-probs equal finite differences (float64). (The
+    KL inputs are left out: KTO's reference point is detached, so its analytic gradient is 0 by design; see
+    test_unpaired_gradients_flow.)"""
+    loss = _loss(name)
+    inputs = make_inputs(loss, seed=1)
+    rest = {k: v for k, v in inputs.items() if k not in ("policy_logps", "ref_logps")}
+
+    def fn(policy, ref):
+        return loss(policy_logps=policy, ref_logps=ref, **rest).loss
+
+    tensors = tuple(inputs[k].clone().requires_grad_(True) for k in ("policy_logps", "ref_logps"))
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", UNPAIRED_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unpaired_gradients_flow(name, dtype):
+    """An unpaired loss sends a finite gradient of the input's shape and dtype to ``policy_logps``, non-zero on every
+    row (desirable and undesirable), and none to the mismatched pairs' log-probs (KTO's reference point is detached,
+    as in the paper and TRL, which computes them without grad)."""
+    loss = _loss(name)
+    inputs = make_inputs(loss, seed=2, dtype=dtype)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if k.endswith("logps")}
+    loss(**dict(inputs, **leaves)).loss.backward()
+    grad = leaves["policy_logps"].grad
+    assert grad is not None and grad.shape == inputs["policy_logps"].shape and grad.dtype == dtype
+    assert torch.isfinite(grad).all() and (grad != 0).all()
+    labels = inputs["labels"]
+    assert (grad[labels] < 0).all() and (grad[~labels] > 0).all()  # raise desirable, lower undesirable likelihoods
+    for key in ("policy_kl_logps", "ref_kl_logps"):
+        assert key not in leaves or leaves[key].grad is None or not leaves[key].grad.any(), key
+
+
+@pytest.mark.parametrize("name", UNPAIRED_NAMES)
+def test_unpaired_trl_metrics(name):
+    """TRL's metric names from ``KTOTrainer._compute_loss``: ``kl`` (≥ 0; TRL's constant 0 for a loss without a KL
+    term), ``rewards/{chosen,rejected}`` and ``logps/{chosen,rejected}`` per side present in the batch,
+    ``rewards/margins`` only when both are."""
+    loss = _loss(name)
+    inputs = make_inputs(loss)
+    metrics = loss(**inputs).metrics
+    per_side = {"rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected"}
+    assert set(metrics) == {"kl", "rewards/margins"} | per_side
+    assert metrics["kl"].item() >= 0.0
+    if "policy_kl_logps" not in loss.requirements.inputs:
+        assert metrics["kl"].item() == 0.0
+    assert metrics["rewards/margins"].item() == metrics["rewards/chosen"].item() - metrics["rewards/rejected"].item()
+    for side, rows in (("chosen", inputs["labels"]), ("rejected", ~inputs["labels"])):
+        assert metrics[f"logps/{side}"].item() == pytest.approx(inputs["policy_logps"][rows].mean().item(), abs=1e-12)
+        one_side = {k: (v[rows] if k in ("policy_logps", "ref_logps", "labels") else v) for k, v in inputs.items()}
+        assert set(loss(**one_side).metrics) == {"kl", f"rewards/{side}", f"logps/{side}"}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -3,7 +3,8 @@ random batches of finite float64 log-probs in [-200, -0.01], lengths in [1, 64] 
 (kind "group") get [G, K] groups: G in [1, 6] prompts, K in [2, 6] samples each, rewards in [-10, 10]. Token losses
 (kind "token", the GRPO family) get [N, T] per-token batches: N in [1, 6] completions of 0..T tokens, T in [1, 8],
 per-token log-probs in [-20, -0.01] (log-ratios within ±20, where e^x stays finite in float32), advantages in
-[-10, 10].
+[-10, 10]. Unpaired losses (kind "unpaired", KTO's family) get N in [1, 8] labelled completions (any mix of desirable
+and undesirable, one side possibly empty) and M in [1, 8] mismatched pairs, summed log-probs in [-200, -0.01].
 
 Every law is read off the formula in the loss's docstring; ``Δ = ρ_w − ρ_l``, ``ρ = S_θ − S_ref``, ``z = βΔ``.
 Tolerances are absolute 1e-9 in float64 unless a comment says why a law is exact or needs more.
@@ -109,11 +110,26 @@ def token_batches(draw, max_completions: int = 6, max_tokens: int = 8) -> dict[s
 
 
 @st.composite
+def unpaired_batches(draw, max_rows: int = 8, max_pairs: int = 8) -> dict[str, torch.Tensor]:
+    """The unpaired inputs: summed policy / reference log-probs [N] in [-200, -0.01] with labels [N] (all desirable,
+    all undesirable or mixed), and the log-probs of M mismatched pairs [M] (M independent of N)."""
+    n = draw(st.integers(min_value=1, max_value=max_rows))
+    m = draw(st.integers(min_value=1, max_value=max_pairs))
+    return {
+        "policy_logps": _column(draw, n),
+        "ref_logps": _column(draw, n),
+        "labels": torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool),
+        "policy_kl_logps": _column(draw, m),
+        "ref_kl_logps": _column(draw, m),
+    }
+
+
+@st.composite
 def inputs_for(draw, loss: losses.BoundLoss) -> dict[str, torch.Tensor]:
     """Every input the bound loss requires or accepts (the way ``tests/losses/_inputs.make_inputs`` builds them)."""
     req = loss.requirements
-    if req.kind in ("group", "token"):
-        batch = draw(groups() if req.kind == "group" else token_batches())
+    if req.kind in ("group", "token", "unpaired"):
+        batch = draw({"group": groups, "token": token_batches, "unpaired": unpaired_batches}[req.kind]())
         return {k: v for k, v in batch.items() if k in req.inputs or k in req.optional_inputs}
     batch = draw(batches())
     wanted = set(req.inputs) | set(req.optional_inputs)
@@ -209,9 +225,12 @@ def test_finite_inputs_give_finite_outputs(name, data):
         return
     assert torch.isfinite(out.loss), out.loss
     assert torch.isfinite(out.per_example).all(), out.per_example
-    key = {"group": "policy_logps", "token": "policy_token_logps"}.get(loss.requirements.kind, "policy_chosen_logps")
+    key = {"group": "policy_logps", "token": "policy_token_logps", "unpaired": "policy_logps"}.get(
+        loss.requirements.kind, "policy_chosen_logps"
+    )
     rows = inputs[key].shape[:1]
-    assert out.per_example.shape == rows  # one value per pair, per prompt for a group loss, per completion for token
+    # one value per pair, per prompt for a group loss, per completion for a token or unpaired loss
+    assert out.per_example.shape == rows
     assert out.loss.item() == out.per_example.mean().item()
     for key, value in out.metrics.items():
         assert torch.isfinite(value).all(), (key, value)

@@ -39,14 +39,17 @@ ISSUE_NAMES = {  # the pairwise losses
 REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft"}  # and mpo with pair_center="none"
 GROUP_NAMES = {"rloo"}  # k sampled completions per prompt
 TOKEN_NAMES = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo"}  # per-token losses, the GRPO family
+UNPAIRED_NAMES = {"kto", "apo_zero_unpaired"}  # single labelled completions, KTO's family
 
 
 def test_available_is_sorted_and_complete():
     names = losses.available()
     assert names == sorted(names)
-    assert set(names) == ISSUE_NAMES | GROUP_NAMES | TOKEN_NAMES
+    assert set(names) == ISSUE_NAMES | GROUP_NAMES | TOKEN_NAMES | UNPAIRED_NAMES
     assert {n for n in names if losses.spec(n).kind == "group"} == GROUP_NAMES
     assert {n for n in names if losses.spec(n).kind == "token"} == TOKEN_NAMES
+    assert {n for n in names if losses.spec(n).kind == "unpaired"} == UNPAIRED_NAMES
+    assert registry.KINDS == ("pair", "group", "token", "unpaired")
 
 
 def test_unknown_name_lists_valid_ones():
@@ -100,6 +103,15 @@ def test_unknown_hyperparameter_lists_valid_ones():
         ("bnpo", {"use_bias_correction_kl": "yes"}, r"bnpo.use_bias_correction_kl must be one of \[True, False\]"),
         ("combo", {"parts": {"grpo": 1.0}}, "only pairwise losses combine, 'grpo' is token"),
         ("upo", {"base": "dapo"}, "must name a registered pairwise loss other than 'upo', got 'dapo'"),
+        ("kto", {"beta": 0.0}, "kto.beta must be a finite number > 0"),
+        ("kto", {"beta": float("inf")}, "kto.beta must be a finite number > 0"),
+        ("kto", {"desirable_weight": -1.0}, "kto.desirable_weight must be a finite number >= 0"),
+        ("kto", {"undesirable_weight": float("nan")}, "kto.undesirable_weight must be a finite number >= 0"),
+        ("kto", {"loss_type": "kto"}, "no hyper-parameter 'loss_type'; valid: beta, desirable_weight, undesirable_w"),
+        ("apo_zero_unpaired", {"beta": -0.1}, "apo_zero_unpaired.beta must be a finite number > 0"),
+        ("apo_zero_unpaired", {"undesirable_weight": -0.5}, "undesirable_weight must be a finite number >= 0"),
+        ("combo", {"parts": {"kto": 1.0}}, "only pairwise losses combine, 'kto' is unpaired"),
+        ("upo", {"base": "apo_zero_unpaired"}, "pairwise loss other than 'upo', got 'apo_zero_unpaired'"),
     ],
 )
 def test_invalid_hyperparameters_rejected(name, hparams, message):
@@ -185,6 +197,50 @@ def test_token_declarations(name):
     assert kl.optional_inputs == ("old_token_logps",) and kl.needs_reference and kl.kind == "token"
 
 
+def test_unpaired_declarations():
+    """An unpaired loss declares the unpaired inputs (not extras, no lengths); ``kto`` requires the mismatched pairs
+    for its KL reference point, ``apo_zero_unpaired`` takes none (TRL computes no KL term for it). Both need the
+    reference. ``policy_logps`` / ``ref_logps`` are also group inputs: the group loss's declaration is unchanged."""
+    kto = losses.get("kto").requirements
+    assert kto.kind == "unpaired"
+    assert kto.inputs == ("policy_logps", "ref_logps", "labels", "policy_kl_logps", "ref_kl_logps")
+    assert kto.optional_inputs == () and set(kto.inputs) == set(registry.UNPAIRED_INPUTS)
+    assert losses.UNPAIRED_INPUTS == registry.UNPAIRED_INPUTS
+    assert kto.extras == () and kto.optional_extras == ()
+    assert kto.needs_reference and not kto.needs_lengths
+    apo = losses.get("apo_zero_unpaired").requirements
+    assert apo.kind == "unpaired" and apo.inputs == ("policy_logps", "ref_logps", "labels")
+    assert apo.optional_inputs == () and apo.extras == () and apo.needs_reference and not apo.needs_lengths
+    assert losses.get("rloo").requirements.kind == "group" and losses.get("rloo").requirements.extras == ()
+    assert len(registry._BATCH_INPUTS) == len(set(registry._BATCH_INPUTS))  # the shared names appear once
+
+
+def _unpaired_batch():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "policy_logps": -torch.rand(4, generator=gen, dtype=torch.float64) * 10,
+        "ref_logps": -torch.rand(4, generator=gen, dtype=torch.float64) * 10,
+        "labels": torch.tensor([True, False, True, True]),
+        "policy_kl_logps": -torch.rand(4, generator=gen, dtype=torch.float64) * 10,
+        "ref_kl_logps": -torch.rand(4, generator=gen, dtype=torch.float64) * 10,
+    }
+
+
+def test_unpaired_inputs_a_loss_does_not_use_are_dropped(golden_batch):
+    """A trainer passes the same five unpaired tensors to any unpaired loss: the KL inputs are dropped for
+    ``apo_zero_unpaired`` (unchanged loss), and unpaired inputs passed to a pair loss are ignored; ``kto`` names a
+    missing KL input, and an unknown name is still an error."""
+    batch = _unpaired_batch()
+    without_kl = {k: v for k, v in batch.items() if "_kl_" not in k}
+    apo = losses.get("apo_zero_unpaired")
+    assert apo(**batch).loss.item() == apo(**without_kl).loss.item()
+    assert losses.get("dpo")(**golden_batch, **batch).loss.item() == losses.get("dpo")(**golden_batch).loss.item()
+    with pytest.raises(losses.MissingInputError, match="loss 'kto' needs input.s. policy_kl_logps, ref_kl_logps"):
+        losses.get("kto")(**without_kl)
+    with pytest.raises(losses.MissingInputError, match="unexpected input.s. label; its extras are none"):
+        losses.get("kto")(**batch, label=batch["labels"])
+
+
 def test_needs_reference_from_either_kind_of_reference_input():
     pair = registry.Requirements(
         inputs=("policy_chosen_logps", *registry.REFERENCE_INPUTS), optional_inputs=(), kind="pair"
@@ -193,6 +249,16 @@ def test_needs_reference_from_either_kind_of_reference_input():
     group = registry.Requirements(inputs=("policy_logps", "ref_logps"), optional_inputs=(), kind="group")
     token = registry.Requirements(inputs=("policy_token_logps", "ref_token_logps"), optional_inputs=(), kind="token")
     assert token.needs_reference
+    unpaired = registry.Requirements(
+        inputs=("policy_logps", "ref_logps", "labels"), optional_inputs=(), kind="unpaired"
+    )
+    kl_only = registry.Requirements(
+        inputs=("policy_logps", "labels", "ref_kl_logps"), optional_inputs=(), kind="unpaired"
+    )
+    optional_kl = registry.Requirements(
+        inputs=("policy_logps", "labels"), optional_inputs=("ref_logps", "ref_kl_logps"), kind="unpaired"
+    )
+    assert unpaired.needs_reference and kl_only.needs_reference and not optional_kl.needs_reference
     optional = registry.Requirements(inputs=("policy_logps",), optional_inputs=("ref_logps",), kind="group")
     assert pair.needs_reference and group.needs_reference
     assert not half.needs_reference and not optional.needs_reference
