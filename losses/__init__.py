@@ -62,6 +62,7 @@ from losses.registry import (
     set_finite_checks,
     spec,
 )
+from losses.reinforce import reinforce_pp_advantages, reinforce_pp_loss
 from losses.upo import upo_loss
 
 __all__ = [
@@ -102,6 +103,8 @@ __all__ = [
     "upo_loss",
     "combo_loss",
     "rloo_loss",
+    "reinforce_pp_loss",
+    "reinforce_pp_advantages",
     "GROUP_INPUTS",
     "grpo_loss",
     "bnpo_loss",

@@ -86,12 +86,13 @@ class GroupLayout:
 
 class TokenLayout(GroupLayout):
     """Groups as :class:`GroupLayout`, for token-level losses: per-token policy log-probs ``[N, L]`` (N = G·K rows,
-    left-aligned, L = the longest completion), their ``completion_mask`` and one advantage per completion from the
-    group's rewards (:func:`losses.group_advantages`, TRL's computation; ``scale_rewards`` as TRL's)."""
+    left-aligned, L = the longest completion), their ``completion_mask``, one advantage per completion from the
+    group's rewards (:func:`losses.group_advantages`, TRL's computation; ``scale_rewards`` as TRL's) and the rewards
+    themselves ``[G, K]`` (for losses that build their own advantages, e.g. ``reinforce_pp``)."""
 
     kind = "token"
     per_token = True
-    names = ("policy_token_logps", "completion_mask", "advantages")
+    names = ("policy_token_logps", "completion_mask", "advantages", "rewards")
 
     def __init__(self, scale_rewards: str = "group"):
         self.scale_rewards = scale_rewards
@@ -103,7 +104,7 @@ class TokenLayout(GroupLayout):
     def inputs(self, items: Sequence[dict], logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
         rewards = torch.tensor([g["rewards"] for g in items], dtype=torch.float32, device=logps.device)
         advantages = losses.group_advantages(rewards, scale_rewards=self.scale_rewards)
-        out = {"policy_token_logps": logps, "completion_mask": mask, "advantages": advantages}
+        out = {"policy_token_logps": logps, "completion_mask": mask, "advantages": advantages, "rewards": rewards}
         if all("old_token_logps" in g for g in items):  # the sampling policy's values (num_iterations > 1)
             old = torch.zeros_like(logps)
             for row, values in enumerate(v for g in items for v in g["old_token_logps"]):

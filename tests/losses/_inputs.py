@@ -90,8 +90,9 @@ def make_group_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch
 
 def make_token_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch.dtype) -> dict:
     """``policy_token_logps``, ``old_token_logps``, ``ref_token_logps``, ``completion_mask`` [B, T] and
-    ``advantages`` [B], as a sampler gives them: completions of 1..T tokens right-padded with zeros, per-token
-    log-probs in [-2.05, -0.05] (so log-ratios within ±2 and some ratios clipped), advantages ~ N(0, 1)."""
+    ``advantages`` and ``rewards`` [B], as a sampler gives them: completions of 1..T tokens right-padded with zeros,
+    per-token log-probs in [-2.05, -0.05] (so log-ratios within ±2 and some ratios clipped), advantages and rewards
+    ~ N(0, 1)."""
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
     logps = -(torch.rand(3, B, T, generator=gen, dtype=dtype) * 2 + 0.05) * mask.to(dtype)
@@ -101,6 +102,7 @@ def make_token_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch
         ref_token_logps=logps[2],
         completion_mask=mask,
         advantages=torch.randn(B, generator=gen, dtype=dtype),
+        rewards=torch.randn(B, generator=gen, dtype=dtype),  # one per completion, for losses that shape their own
     )
     req = loss.requirements
     return {k: v for k, v in token.items() if k in req.inputs or k in req.optional_inputs}

@@ -106,19 +106,22 @@ def test_group_gradients_flow(name, dtype):
 def test_token_gradients_flow(name, dtype):
     """A token loss sends a finite, non-zero gradient of the input's shape and dtype to ``policy_token_logps``, none
     to padding positions, and none to the advantages, the old or the reference log-probs (numbers computed before
-    the step; a surrogate must not move them). β > 0 so the KL term is on the path too."""
+    the step; a surrogate must not move them) or the rewards they are built from. β > 0 so the KL term is on the
+    path too."""
     loss = losses.get(name, **{**_loss(name).hparams, "beta": 0.1})
     inputs = make_inputs(loss, seed=2, dtype=dtype)
     leaves = {
         k: inputs[k].clone().requires_grad_(True)
-        for k in ("policy_token_logps", "old_token_logps", "ref_token_logps", "advantages")
+        for k in ("policy_token_logps", "old_token_logps", "ref_token_logps", "advantages", "rewards")
+        if k in inputs  # every numeric input the loss declares
     }
     loss(**dict(inputs, **leaves)).loss.backward()
     grad = leaves["policy_token_logps"].grad
     assert grad is not None and grad.shape == inputs["policy_token_logps"].shape and grad.dtype == dtype
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert not grad[inputs["completion_mask"] == 0].any()
-    for key in ("old_token_logps", "ref_token_logps", "advantages"):
+    assert {"old_token_logps", "ref_token_logps"} <= set(leaves) and len(leaves) == 4
+    for key in set(leaves) - {"policy_token_logps"}:
         assert leaves[key].grad is None or not leaves[key].grad.any(), key
 
 
@@ -128,14 +131,15 @@ def test_token_trl_metrics(name):
     variants, ``cispo_clip_ratio`` for CISPO; each a rate in [0, 1] (kl ≥ 0)."""
     clip = {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
     clip |= {"clip_ratio/low_min", "clip_ratio/high_max"}
-    expected = {"cispo": {"cispo_clip_ratio"}, "sapo": set()}.get(name, clip)
-    free = _loss(name)
+    returns = {"reinforce/return_mean", "reinforce/return_std"}  # REINFORCE++ (OpenRLHF), not a TRL loss
+    expected = {"cispo": {"cispo_clip_ratio"}, "sapo": set(), "reinforce_pp": clip | returns}.get(name, clip)
+    free = losses.get(name, **{**_loss(name).hparams, "beta": 0.0})
     assert set(free(**make_inputs(free)).metrics) == expected
     with_kl = losses.get(name, **{**free.hparams, "beta": 0.1})
     metrics = with_kl(**make_inputs(with_kl)).metrics
     assert set(metrics) == expected | {"kl"}
     assert metrics["kl"].item() >= 0.0
-    for key in expected:
+    for key in expected - returns:  # rates
         assert 0.0 <= metrics[key].item() <= 1.0, key
 
 

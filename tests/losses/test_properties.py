@@ -96,7 +96,7 @@ def groups(draw, max_prompts: int = 6, max_samples: int = 6) -> dict[str, torch.
 @st.composite
 def token_batches(draw, max_completions: int = 6, max_tokens: int = 8) -> dict[str, torch.Tensor]:
     """The token inputs: policy / old / reference log-probs [N, T] in [-20, -0.01], a right-padded completion mask
-    with 0..T tokens per row (an empty row is a completion TRL masked out), advantages [N] in [-10, 10]."""
+    with 0..T tokens per row (an empty row is a completion TRL masked out), advantages and rewards [N] in [-10, 10]."""
     n = draw(st.integers(min_value=1, max_value=max_completions))
     t = draw(st.integers(min_value=1, max_value=max_tokens))
     lengths = torch.tensor(draw(st.lists(st.integers(min_value=0, max_value=t), min_size=n, max_size=n)))
@@ -106,6 +106,7 @@ def token_batches(draw, max_completions: int = 6, max_tokens: int = 8) -> dict[s
         "ref_token_logps": _column(draw, n * t, TOKEN_LOGPS).reshape(n, t),
         "completion_mask": (torch.arange(t)[None, :] < lengths[:, None]).long(),
         "advantages": _column(draw, n, REWARDS),
+        "rewards": _column(draw, n, REWARDS),  # for losses that build their own advantages (reinforce_pp)
     }
 
 

@@ -38,7 +38,8 @@ ISSUE_NAMES = {  # the pairwise losses
 }
 REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft"}  # and mpo with pair_center="none"
 GROUP_NAMES = {"rloo"}  # k sampled completions per prompt
-TOKEN_NAMES = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo"}  # per-token losses, the GRPO family
+# per-token losses: the GRPO family and REINFORCE++
+TOKEN_NAMES = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo", "reinforce_pp"}
 UNPAIRED_NAMES = {"kto", "apo_zero_unpaired"}  # single labelled completions, KTO's family
 
 
@@ -180,10 +181,10 @@ def test_group_declarations():
     assert losses.get("rloo", kl_coef=1e-6).needs_reference
 
 
-@pytest.mark.parametrize("name", sorted(TOKEN_NAMES))
+@pytest.mark.parametrize("name", sorted(TOKEN_NAMES - {"reinforce_pp"}))
 def test_token_declarations(name):
-    """A token loss declares the per-token inputs (not extras); old log-probs are optional, and the reference is
-    required exactly when beta > 0 (each loss has its own ``required_if`` hook)."""
+    """A GRPO-family token loss declares the per-token inputs (not extras); old log-probs are optional, and the
+    reference is required exactly when beta > 0 (each loss has its own ``required_if`` hook)."""
     free = losses.get(name).requirements
     assert free.kind == "token"
     assert free.inputs == ("policy_token_logps", "completion_mask", "advantages")
@@ -195,6 +196,17 @@ def test_token_declarations(name):
     kl = losses.get(name, beta=0.04).requirements
     assert kl.inputs == ("policy_token_logps", "completion_mask", "advantages", "ref_token_logps")
     assert kl.optional_inputs == ("old_token_logps",) and kl.needs_reference and kl.kind == "token"
+
+
+def test_reinforce_pp_declaration():
+    """REINFORCE++ builds its own advantages: it takes the completions' rewards instead of advantages, and (β > 0 by
+    default, the KL is in its reward) the reference's per-token log-probs."""
+    req = losses.get("reinforce_pp").requirements
+    assert req.kind == "token" and req.needs_reference
+    assert req.inputs == ("policy_token_logps", "completion_mask", "rewards", "ref_token_logps")
+    assert req.optional_inputs == ("old_token_logps",) and req.extras == ()
+    free = losses.get("reinforce_pp", beta=0.0).requirements
+    assert not free.needs_reference and free.optional_inputs == ("old_token_logps", "ref_token_logps")
 
 
 def test_unpaired_declarations():
