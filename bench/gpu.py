@@ -9,7 +9,7 @@ A Qwen2.5-0.5B-shaped model built from its config (random init, bf16 weights; 24
   log-probs, bf16, no gradient checkpointing), and prefopt's tokens/s ratio to it;
 * a 2-process FSDP2 run (``conf/accelerate/fsdp.yaml``) when more than one GPU is visible.
 
-    python -m bench.gpu                 # on a GPU machine (~5 min on one H200)
+    python -m bench.gpu                 # on a GPU machine (not yet run on one)
     python -m bench.gpu --tiny          # a seconds-long smoke run of the same script on a CPU
 """
 

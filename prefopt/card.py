@@ -4,7 +4,7 @@ hyper-parameters), the data, final metrics and the command that reproduces the r
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import losses
@@ -17,9 +17,10 @@ def _metrics(values: Mapping[str, Any], split: str, limit: int = 12) -> list[str
     return [f"| `{split} {k}` | {v:.4g} |" for k, v in rows[:limit]]
 
 
-def model_card(resolved: Mapping[str, Any], summary: Mapping[str, Any], overrides: Sequence[str] | None) -> str:
+def model_card(resolved: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     """The Markdown card of a finished run (``resolved``: the run's whole config; ``summary``: its summary;
-    ``overrides``: the ``prefopt-train`` command line that made it, None when it was started from Python)."""
+    its ``command`` is the ``prefopt-train`` command line that made it, None when it was started from Python)."""
+    overrides = summary.get("command")
     loss = dict(resolved["loss"])
     name = loss.pop("name")
     spec = losses.spec(name)

@@ -30,7 +30,7 @@ from prefopt.batching import collate
 from prefopt.cache import cached, load_tensors, save_tensors, sequence_key
 from prefopt.logps import sequence_logps, token_logps
 
-__all__ = ["Reference", "frozen_copy", "logps_of"]
+__all__ = ["Reference", "frozen_copy", "logps_of", "token_logps_of"]
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -54,6 +54,24 @@ def logps_of(
         out.append(values if batch_size is None else values.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def token_logps_of(model, sequences: Sequence[dict], pad_id: int, batch_size: int, device) -> list[list[float]]:
+    """Per-token log-probs of each ``{prompt_ids, completion_ids}`` row under ``model`` (fp32, one list per row, its
+    completion's length), ``batch_size`` rows per forward in eval mode; summing a row gives :func:`logps_of`'s value."""
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = collate(list(sequences[start : start + batch_size]), pad_id).to(device)
+            values, mask = token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+            lengths = mask.sum(dim=1).long().tolist()
+            out += [row[:n] for row, n in zip(values.cpu().tolist(), lengths, strict=True)]
+    finally:
+        model.train(was_training)
+    return out
 
 
 class Reference:
@@ -132,21 +150,15 @@ class Reference:
         """Whether this reference runs a model during training (no table)."""
         return self.model is not None and not self.table
 
-    @torch.no_grad()
     def token_logps(self, sequences: Sequence[dict]) -> Tensor:
-        """[N, L] fp32 per-token reference log-probs of ``sequences`` (left-aligned, as
-        :func:`prefopt.logps.token_logps`), from the live model: tables hold only sums."""
+        """[N, L] fp32 per-token reference log-probs of ``sequences`` (left-aligned, zero-padded to the longest
+        completion), from the live model: tables hold only sums."""
         if self.model is None:
             raise RuntimeError("per-token reference log-probs need a live reference model (online runs have one)")
-        batch = collate(list(sequences), self.pad_id).to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.off():
-                values, _ = token_logps(self.model, batch.input_ids, batch.attention_mask, batch.completion_mask)
-        finally:
-            self.model.train(was_training)
-        return values
+        with self.off():
+            rows = token_logps_of(self.model, sequences, self.pad_id, max(len(sequences), 1), self.device)
+        width = max((len(r) for r in rows), default=0)
+        return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32, device=self.device)
 
     def remember(self, sequences: Sequence[dict], values: Tensor) -> None:
         """Keep values just computed for ``sequences`` (online samples) until :meth:`forget`."""

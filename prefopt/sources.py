@@ -20,10 +20,8 @@ from typing import Any
 
 import torch
 
-from prefopt.batching import collate
 from prefopt.generation import decode_completions, sample_completions
-from prefopt.logps import token_logps
-from prefopt.reference import Reference, logps_of
+from prefopt.reference import Reference, logps_of, token_logps_of
 from prefopt.scoring import Scores
 from prefopt.settings import SamplingSettings
 
@@ -181,9 +179,11 @@ class OnlineSource:
         generated = self.generate(model, prompts, self.k, seed=f"{self.seed}/fit")
         return self.scorer.fit(generated["prompts"], generated["texts"], generated["pieces"])
 
-    def sample(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
+    def sample(self, model, prompts: list[dict], k: int, seed: Any, per_token: bool = False) -> dict:
         """:meth:`generate`, then scores and the policy's and reference's log-probs of every sample (the reference
-        keeps its values until the next draw, so the step reads them instead of running the reference again)."""
+        keeps its values until the next draw, so the step reads them instead of running the reference again).
+        ``per_token``: also the policy's per-token values (``policy_token_logps``, one list per sample), from the
+        same forward whose sums are ``policy_logps``."""
         generated = self.generate(model, prompts, k, seed)
         prompt_ids, completions = generated["prompt_ids"], generated["completions"]
         scores: Scores = self.scorer(generated["prompts"], generated["texts"], generated["pieces"])
@@ -192,13 +192,19 @@ class OnlineSource:
             for p, c in zip(prompt_ids, completions, strict=True)
         ]
         batch = self.sampling.generation_batch_size
-        policy_logps = logps_of(model, sequences, self.tokenizer.pad_token_id, batch, self.device)
+        pad = self.tokenizer.pad_token_id
+        token_values = token_logps_of(model, sequences, pad, batch, self.device) if per_token else None
+        if token_values is None:
+            policy_logps = logps_of(model, sequences, pad, batch, self.device)
+        else:
+            policy_logps = torch.tensor([sum(row) for row in token_values], dtype=torch.float32)
         ref_logps = None
         if self.reference is not None:
             self.reference.forget()
             ref_logps = self.reference.logps(sequences, batch_size=batch)
             self.reference.remember(sequences, ref_logps)
-        return {**generated, "scores": scores, "policy_logps": policy_logps, "ref_logps": ref_logps}
+        sampled = {**generated, "scores": scores, "policy_logps": policy_logps, "ref_logps": ref_logps}
+        return {**sampled, "policy_token_logps": token_values} if per_token else sampled
 
     def _metrics(self, sampled: dict, prefix: str = "") -> dict[str, float]:
         scores: Scores = sampled["scores"]
@@ -232,13 +238,14 @@ class OnlineSource:
     def _new_draw(self, policy, step: int) -> Draw:
         indices = self.order.take(self.batch_size)[self.rank :: self.world]
         prompts = [self.prompts[i] for i in indices]
-        sampled = self.sample(policy, prompts, self.k, seed=f"{self.seed}/online/{step}/{self.rank}")
+        old_logps = self.kind == "token" and self.iterations > 1  # later iterations divide by the sampler's values
+        sampled = self.sample(
+            policy, prompts, self.k, seed=f"{self.seed}/online/{step}/{self.rank}", per_token=old_logps
+        )
         for observe in self.observers:
             observe(sampled)
         build = self._pairs if self.kind == "pair" else self._groups
         per_prompt, dropped = build(sampled, len(prompts))
-        if self.kind == "token" and self.iterations > 1:  # the sampling policy's per-token log-probs
-            self._attach_old_logps(policy, [g for groups in per_prompt for g in groups])
         size = self.micro_batch_size
         micro_batches = [sum(per_prompt[m * size : (m + 1) * size], []) for m in range(self.accumulation)]
         metrics = self._metrics(sampled, "online/")
@@ -291,28 +298,11 @@ class OnlineSource:
                 "completions": [sampled["completions"][i] or [eos] for i in rows],
                 "rewards": rewards_gk[g].tolist(),
             }
+            if sampled.get("policy_token_logps") is not None:  # the sampling policy's per-token values
+                group["old_token_logps"] = [sampled["policy_token_logps"][i] for i in rows]
             tied += bool((rewards_gk[g] == rewards_gk[g][0]).all())
             per_prompt.append([group])
         return per_prompt, tied
-
-    @torch.no_grad()
-    def _attach_old_logps(self, policy, groups: list[dict]) -> None:
-        """Each group's ``old_token_logps``: per completion, its tokens' log-probs under the policy that sampled
-        them (what the later iterations' importance ratios divide by)."""
-        rows = [{"prompt_ids": g["prompt_ids"], "completion_ids": c} for g in groups for c in g["completions"]]
-        if not rows:
-            return
-        was_training = policy.training
-        policy.eval()
-        values = []
-        size = self.sampling.generation_batch_size
-        for start in range(0, len(rows), size):
-            batch = collate(rows[start : start + size], self.tokenizer.pad_token_id).to(self.device)
-            chunk, mask = token_logps(policy, batch.input_ids, batch.attention_mask, batch.completion_mask)
-            values += [row[: int(n)] for row, n in zip(chunk.cpu().tolist(), mask.sum(dim=1).tolist(), strict=True)]
-        policy.train(was_training)
-        for g in groups:
-            g["old_token_logps"], values = values[: len(g["completions"])], values[len(g["completions"]) :]
 
     def _table(self, sampled: dict) -> list[dict]:
         rows = []

@@ -165,7 +165,7 @@ def _finish(run: Run, step: int, started: float, guard, last_train, last_eval, w
         save_final(accelerator.unwrap_model(run.policy), final_dir, run.settings.adapters)
         run.tokenizer.save_pretrained(final_dir)
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (final_dir / "README.md").write_text(model_card(run.settings.resolved, summary, summary.get("command")))
+        (final_dir / "README.md").write_text(model_card(run.settings.resolved, summary))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.is_main_process and run.settings.trainer.push_to_hub:

@@ -117,24 +117,28 @@ def test_local_conversational_and_hh_files_train(tmp_path, layout):
     assert summary["steps"] == 2
 
 
+def one_and_two_processes(tmp_path: Path, *common: str) -> tuple[list[dict], list[dict], subprocess.CompletedProcess]:
+    """The same run in one process and in two (torchrun, gloo DDP): both metrics.jsonl and the two-process result;
+    asserts both finished and that two processes really ran."""
+    single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        [*LAUNCH_TWO, *common, f"hydra.run.dir={tmp_path}/two"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert double.returncode == 0, double.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed"] == "MULTI_CPU x 2"
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    return one, two, double
+
+
 def test_two_processes_log_the_same_losses_as_one(tmp_path):
     """Two processes (torchrun, gloo DDP) with the same global batch: same loss per step, and really two."""
     common = [*TINY, "trainer.max_steps=6", "trainer.warmup_steps=2", "trainer.lr=0.01", f"cache_dir={tmp_path}/c"]
     common += ["trainer.micro_batch_size=4"]  # one process accumulates 2 micro-batches of 4; two take one each
-    single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run(
-        [*LAUNCH_TWO, *common, f"hydra.run.dir={tmp_path}/two"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert double.returncode == 0, double.stderr[-2000:]
+    one, two, double = one_and_two_processes(tmp_path, *common)
     assert double.stdout.count("run dir: ") == 1  # the summary is printed once, by rank 0
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed"] == "MULTI_CPU x 2"
-    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(one) == len(two) == 6
     assert [x["loss"] for x in two] == pytest.approx([x["loss"] for x in one], abs=1e-4)
     assert [x["lr"] for x in two] == [x["lr"] for x in one]  # the schedule advances once per step, not per process

@@ -2,8 +2,6 @@
 adapters disabled, no copy; a trained adapter's reference is that adapter), final/ is a peft adapter, resume and two
 processes agree, config errors are one line."""
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from prefopt.build import build_policy, read_settings
 from prefopt.config import ConfigError
 from prefopt.reference import Reference, logps_of
 
-from .test_cli import LAUNCH_TWO, cli
+from .test_cli import one_and_two_processes
 from .test_trainer import TINY, metrics, run
 
 LORA = ["model.lora.r=4", "model.lora.alpha=8", "trainer.lr=0.01"]
@@ -148,20 +146,8 @@ def test_lora_online(tmp_path, cache_dir):
 
 def test_two_processes_with_lora_log_the_same_losses_as_one(tmp_path):
     common = [*TINY, *LORA, "trainer.max_steps=4", "trainer.micro_batch_size=4", f"cache_dir={tmp_path}/c"]
-    single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run(
-        [*LAUNCH_TWO, *common, f"hydra.run.dir={tmp_path}/two"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert double.returncode == 0, double.stderr[-2000:]
-    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one, two, _ = one_and_two_processes(tmp_path, *common)
     assert [x["loss"] for x in two] == pytest.approx([x["loss"] for x in one], abs=1e-4)
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed"] == "MULTI_CPU x 2"
 
 
 @pytest.mark.parametrize(
