@@ -157,9 +157,28 @@ def adapter_state(model: torch.nn.Module) -> dict[str, int]:
     return {"trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters())}
 
 
-def save_final(model: torch.nn.Module, final_dir: Path, settings: AdapterSettings) -> None:
+def save_final(
+    model: torch.nn.Module, final_dir: Path, settings: AdapterSettings, state_dict: dict | None = None
+) -> None:
     """``final/``: the model (full) or the adapter in peft's format (loadable by ``PeftModel.from_pretrained``),
-    plus ``final/merged`` (adapter merged into the base) when ``model.lora.merge``."""
-    model.save_pretrained(final_dir, safe_serialization=True)
+    plus ``final/merged`` (adapter merged into the base) when ``model.lora.merge``. ``state_dict``: the full weights
+    when the model's own are shards (FSDP), gathered beforehand."""
+    if state_dict is None:
+        model.save_pretrained(final_dir, safe_serialization=True)
+        if settings.kind != "none" and settings.lora.merge:
+            copy.deepcopy(model).merge_and_unload().save_pretrained(final_dir / "merged", safe_serialization=True)
+        return
+    model.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
     if settings.kind != "none" and settings.lora.merge:
-        copy.deepcopy(model).merge_and_unload().save_pretrained(final_dir / "merged", safe_serialization=True)
+        _unsharded(model, state_dict).merge_and_unload().save_pretrained(final_dir / "merged", safe_serialization=True)
+
+
+def _unsharded(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """A plain (unsharded) copy of the peft ``model`` holding the gathered ``state_dict``."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_config(model.get_base_model().config)
+    plain = get_peft_model(base, copy.deepcopy(model.peft_config["default"]))
+    plain.load_state_dict(state_dict)
+    return plain

@@ -258,6 +258,7 @@ def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,
     )
+    _shard_on_cpus(accelerator)
     if accelerator.num_processes != world:
         raise ConfigError(
             f"launched as {world} processes but accelerate set up {accelerator.num_processes} "
@@ -269,6 +270,27 @@ def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:
             f"trainer.batch_size={tcfg.batch_size} must be a multiple of micro_batch_size={micro} x {world} process(es)"
         )
     return accelerator
+
+
+def _shard_on_cpus(accelerator: Accelerator) -> None:
+    """FSDP launched on CPUs (``accelerate launch --config_file conf/accelerate/fsdp.yaml`` on a machine without
+    GPUs, or torchrun with ``ACCELERATE_USE_FSDP=true FSDP_VERSION=2``): accelerate sets the gloo processes up as
+    plain ``MULTI_CPU`` and drops its FSDP plugin, since it shards only accelerator devices. torch's ``fully_shard``
+    (FSDP2) does run over gloo, so the run is switched to FSDP with the plugin the launch's ``FSDP_*`` variables
+    describe; ``prepare`` then shards the model and optimizer as it would on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPUs runs FSDP2 only: set fsdp_version: 2 in the accelerate config (FSDP_VERSION=2)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def _check_trackers(report_to: Sequence[str]) -> None:
@@ -309,7 +331,7 @@ class Evaluation:
                 world=accelerator.num_processes,
                 step=at,
             )
-            metrics = reduce_mean(accelerator, averager.mean())
+            metrics = reduce_mean(accelerator, averager.mean(), weight=averager.count)
         if self.sampler is not None:
             metrics.update(reduce_mean(accelerator, self.sampler.evaluate(accelerator.unwrap_model(policy))))
         return metrics

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from prefopt.logps import is_sharded
+
 __all__ = ["sample_completions", "decode_completions"]
 
 
@@ -33,6 +35,9 @@ def sample_completions(
     model.eval()
     device = device if device is not None else next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # a sharded model gathers its parameters in every forward, a collective: each process keeps stepping until all
+    # have finished (transformers' synced_gpus), so they run the same forwards
+    synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     out: list[list[int]] = []
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(_seed_int(seed))
@@ -50,6 +55,7 @@ def sample_completions(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
                 eos_token_id=eos,
+                synced_gpus=synced,
                 **(sampling if temperature > 0 else {"do_sample": False}),
             )
             for new in generated[:, width:].tolist():

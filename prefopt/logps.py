@@ -4,7 +4,9 @@ The selective log-softmax runs the LM head only on the hidden states that predic
 under activation checkpointing: per chunk it forms ``logits = head(h).float()`` and keeps ``logit[target] −
 logsumexp(logits)``; backward recomputes the chunk's logits. So no fp32 [B, T, V] tensor (nor a [B, T, V] tensor of
 any dtype) is ever held, forward or backward. Models whose logits are not ``lm_head(last_hidden_state)`` (logit
-soft-capping or scaling) fall back to the model's own logits, still gathered in fp32 chunks.
+soft-capping or scaling) fall back to the model's own logits, still gathered in fp32 chunks; so do FSDP2-sharded
+models (:func:`is_sharded`), whose parameters are gathered by hooks on the whole model's forward, with one forward per
+call (no length buckets: every process must run the same forwards).
 
 Length buckets: a padded batch wastes the compute of every pad position (chosen and rejected rows of one batch often
 differ by 2-4x in length). ``sequence_logps`` therefore sorts the rows by length and runs the backbone on groups of
@@ -87,6 +89,16 @@ def plan_buckets(lengths: list[int] | Tensor, overhead: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is the root of an FSDP2 (``fully_shard``) model: its parameters are gathered by hooks on
+    its own forward, so it must be called whole (backbone + head), never its backbone and head separately."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _plain_head(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     scaled = any(getattr(config, key, None) not in (None, 1.0) for key in ("final_logit_softcapping", "logit_scale"))
@@ -103,18 +115,19 @@ def _completion_logps(
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """fp32 log-probs of every completion token (one-token shift), with the row of each and its position within its
     row's completion (0 = first completion token); None when no row has a completion token."""
-    if hasattr(model, "get_base_model"):  # a peft model: its base model runs the injected adapter layers
+    sharded = is_sharded(model)
+    if hasattr(model, "get_base_model") and not sharded:  # a peft model: its base runs the injected adapter layers
         model = model.get_base_model()
     n_rows = input_ids.shape[0]
     groups: list[list[int] | None] = [None]  # None: the whole padded batch
-    if buckets is not False and n_rows > 1:
+    if buckets is not False and n_rows > 1 and not sharded:  # sharded: every process runs the same forwards
         lengths = attention_mask.sum(dim=1)
         columns = torch.arange(input_ids.shape[1], device=lengths.device)
         if bool((attention_mask.bool() == (columns < lengths[:, None])).all()):  # cutting columns needs right padding
             overhead = bucket_overhead(input_ids.device) if buckets is True else int(buckets)
             lengths = lengths.tolist()
             groups = plan_buckets(lengths, overhead)
-    plain = _plain_head(model)
+    plain = not sharded and _plain_head(model)  # FSDP's hooks gather parameters only in the root's own forward
     backbone = getattr(model, model.base_model_prefix) if plain else model
     states, targets, rows, places = [], [], [], []
     for group in groups:
@@ -125,7 +138,7 @@ def _completion_logps(
             width = max(max(lengths[i] for i in group), 1)
             ids, attention, completion = (t[index, :width] for t in (input_ids, attention_mask, completion_mask))
         target_mask = completion[:, 1:].bool()  # [n, T-1]
-        if not target_mask.any():
+        if not target_mask.any() and not sharded:
             continue
         row_ids = torch.arange(ids.shape[0], device=ids.device) if index is None else index
         rows.append(row_ids[:, None].expand_as(target_mask)[target_mask])
@@ -134,7 +147,7 @@ def _completion_logps(
         out = backbone(input_ids=ids, attention_mask=attention, use_cache=False)
         hidden = out.last_hidden_state if plain else out.logits
         states.append(hidden[:, :-1][target_mask])
-    if not states:
+    if not states or not sum(len(t) for t in targets):
         return None
     head = model.get_output_embeddings() if plain else torch.nn.Identity()
     return selective_log_softmax(_cat(states), _cat(targets), head, chunk_size), _cat(rows), _cat(places)

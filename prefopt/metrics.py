@@ -34,27 +34,34 @@ class Averager:
         self.count = 0
         self.tokens = 0
 
-    def add(self, out) -> None:
-        self.count += 1
+    def add(self, out, weight: int = 1) -> None:
+        """One micro-batch's loss and metrics, counted ``weight`` times (evaluation: its number of items, so the
+        mean is over items however they were split into micro-batches and processes)."""
+        self.count += weight
         for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
-            value = value.detach().double()
+            value = value.detach().double() * weight
             self.sums[key] = self.sums[key] + value if key in self.sums else value
 
     def mean(self) -> dict[str, float]:
         if not self.sums:
             return {}
         keys = list(self.sums)
-        values = (torch.stack([self.sums[k] for k in keys]) / self.count).tolist()
+        values = (torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)).tolist()
         return dict(zip(keys, values, strict=True))
 
 
-def reduce_mean(accelerator, metrics: dict[str, float]) -> dict[str, float]:
-    """The mean of each metric over processes (one collective call)."""
+def reduce_mean(accelerator, metrics: dict[str, float], weight: float | None = None) -> dict[str, float]:
+    """The mean of each metric over processes (one collective call); with ``weight`` (this process's count of
+    items) the mean weighted by it, i.e. the mean over every process's items."""
     if accelerator.num_processes == 1:
         return metrics
     keys = sorted(metrics)
-    values = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), "mean")
-    return dict(zip(keys, values.tolist(), strict=True))
+    if weight is None:
+        values = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), "mean")
+        return dict(zip(keys, values.tolist(), strict=True))
+    local = torch.tensor([*(metrics.get(k, 0.0) * weight for k in keys), weight], device=accelerator.device)
+    totals = accelerator.reduce(local.double(), "sum").tolist()
+    return {k: v / totals[-1] for k, v in zip(keys, totals[:-1], strict=True)} if totals[-1] else {}
 
 
 def peak_memory_mib(device: torch.device) -> float:

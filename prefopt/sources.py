@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from prefopt.generation import decode_completions, sample_completions
+from prefopt.logps import is_sharded
 from prefopt.reference import Reference, logps_of, token_logps_of
 from prefopt.scoring import Scores
 from prefopt.settings import SamplingSettings
@@ -317,7 +318,10 @@ class OnlineSource:
     @torch.no_grad()
     def evaluate(self, policy) -> dict[str, float]:
         """Reward, KL and length of samples on the eval prompts (this process's shard), same seed every time."""
-        prompts = self.eval_prompts[: self.sampling.eval_prompts][self.rank :: self.world]
+        prompts = self.eval_prompts[: self.sampling.eval_prompts]
+        if is_sharded(policy):  # every process samples as many (a sharded model's forwards are collectives)
+            prompts = prompts[: len(prompts) - len(prompts) % self.world]
+        prompts = prompts[self.rank :: self.world]
         if not prompts:
             return {}
         k = self.sampling.eval_samples_per_prompt

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -224,11 +225,17 @@ def zero_loss(policy) -> Tensor:
 def evaluate_loss(
     policy, step_fn: Step, items: list[dict], *, micro_batch_size: int, rank: int, world: int, step: int
 ) -> Averager:
-    """The loss and metrics on ``items`` (this process's shard), averaged over micro-batches."""
+    """The loss and metrics on ``items`` (this process's shard), averaged over its items. Every process runs
+    the same number of forwards (a sharded model's forward is a collective): one whose shard is shorter repeats its
+    first micro-batch and discards the result."""
     policy.eval()
     averager = Averager()
     shard = items[rank::world]
-    for start in range(0, len(shard), micro_batch_size):
-        averager.add(step_fn(policy, shard[start : start + micro_batch_size], step, -1 - start).out)
+    forwards = math.ceil(math.ceil(len(items) / world) / micro_batch_size)
+    for index in range(forwards):
+        start = index * micro_batch_size
+        chunk = shard[start : start + micro_batch_size]
+        out = step_fn(policy, chunk or shard[:micro_batch_size] or items[:micro_batch_size], step, -1 - start).out
+        averager.add(out, weight=len(chunk))  # a repeat counts 0 times (its keys still reach the reduction)
     policy.train()
     return averager

@@ -21,6 +21,7 @@ from prefopt.build import Run, build
 from prefopt.card import model_card
 from prefopt.checkpoint import resume, save_checkpoint
 from prefopt.config import ConfigError, to_yaml
+from prefopt.logps import is_sharded
 from prefopt.metrics import MetricsWriter, peak_memory_mib, postfix, reduce_mean, with_perf_totals
 from prefopt.step import NonFiniteGuard, NonFiniteTraining, forward_backward
 
@@ -161,8 +162,10 @@ def _finish(run: Run, step: int, started: float, guard, last_train, last_eval, w
         "metrics": str(writer.path),
         "data_stats": run.data.stats,
     }
+    # a sharded model's full weights are gathered by every process; others pass None (each process's own)
+    state = accelerator.get_state_dict(run.policy) if is_sharded(run.policy) else None
     if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(run.policy), final_dir, run.settings.adapters)
+        save_final(accelerator.unwrap_model(run.policy), final_dir, run.settings.adapters, state_dict=state)
         run.tokenizer.save_pretrained(final_dir)
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (final_dir / "README.md").write_text(model_card(run.settings.resolved, summary))

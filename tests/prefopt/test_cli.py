@@ -117,17 +117,19 @@ def test_local_conversational_and_hh_files_train(tmp_path, layout):
     assert summary["steps"] == 2
 
 
-def one_and_two_processes(tmp_path: Path, *common: str) -> tuple[list[dict], list[dict], subprocess.CompletedProcess]:
-    """The same run in one process and in two (torchrun, gloo DDP): both metrics.jsonl and the two-process result;
-    asserts both finished and that two processes really ran."""
+def one_and_two_processes(
+    tmp_path: Path, *common: str, launch: list[str] = LAUNCH_TWO, distributed: str = "MULTI_CPU x 2"
+) -> tuple[list[dict], list[dict], subprocess.CompletedProcess]:
+    """The same run in one process and in two (``launch``: torchrun, gloo DDP by default): both metrics.jsonl and the
+    two-process result; asserts both finished and that two processes really ran, as ``distributed``."""
     single = cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run(
-        [*LAUNCH_TWO, *common, f"hydra.run.dir={tmp_path}/two"], cwd=tmp_path, capture_output=True, text=True,
+        [*launch, *common, f"hydra.run.dir={tmp_path}/two"], cwd=tmp_path, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert double.returncode == 0, double.stderr[-2000:]
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed"] == "MULTI_CPU x 2"
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed"] == distributed
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     return one, two, double
