@@ -38,6 +38,12 @@ The normalisers, for **one call** on one process with no gradient accumulation (
   ``Σ_it m_it / (that normaliser)``;
 * constant (dr_grpo): ``L = Σ_it m_it ℓ_it / (N · max_completion_length)`` (``None`` → T, the padded length).
 
+A trainer that splits a step's batch into several calls (micro-batches, processes) and averages their gradients
+passes the optional input ``batch_tokens`` [] to the token-mean losses: the completion tokens of the whole step's
+batch per call (TRL's ``num_items_in_batch / num_processes × gradient_accumulation_steps``), which replaces the
+call's ``Σ m``, so the update does not depend on the split. prefopt's trainer does, and pads every call to
+``T = max_new_tokens`` (the constant of dr_grpo), and computes the advantages over the step's batch.
+
 ``per_example [N]`` is each completion's share, so ``loss == per_example.mean()``: ``(1/|o_i|) Σ_t m_it ℓ_it``,
 ``N · Σ_t m_it ℓ_it / Σ m`` or ``Σ_t m_it ℓ_it / max_completion_length``. The value of these surrogates is not a
 quantity to monitor; their gradient is the estimator. Metrics use TRL's names: ``kl`` (when ``β > 0``; the masked
@@ -176,9 +182,15 @@ def _per_sequence_mean(summed: Tensor, mask: Tensor) -> Tensor:
     return summed / mask.sum(-1).clamp(min=1.0)
 
 
-def _batch_token_mean(summed: Tensor, mask: Tensor) -> Tensor:
-    """``N · Σ_t m ℓ / Σ m``: every token of the call weighs the same."""
-    return summed * (mask.shape[0] / mask.sum().clamp(min=1.0))
+def _batch_token_mean(batch_tokens: Tensor | float | None) -> Normaliser:
+    """``N · Σ_t m ℓ / D``: every token weighs the same; ``D = batch_tokens`` when given (the token count per call
+    of the whole step's batch: a trainer's global normaliser), else this call's ``Σ m``."""
+
+    def normalise(summed: Tensor, mask: Tensor) -> Tensor:
+        count = mask.sum() if batch_tokens is None else torch.as_tensor(batch_tokens, dtype=summed.dtype)
+        return summed * (mask.shape[0] / count.clamp(min=1.0))
+
+    return normalise
 
 
 def _constant(max_completion_length: int | None) -> Normaliser:
@@ -374,6 +386,7 @@ def bnpo_loss(
     advantages: Tensor,
     old_token_logps: Tensor | None = None,
     ref_token_logps: Tensor | None = None,
+    batch_tokens: Tensor | None = None,  # [] the step's completion tokens per call (trainer)
     *,
     beta: float = 0.0,
     epsilon: float = 0.2,
@@ -391,7 +404,8 @@ def bnpo_loss(
     """
     return _policy_loss(
         "bnpo", policy_token_logps, completion_mask, advantages, old_token_logps, ref_token_logps,
-        sequence_ratio=False, surrogate=_clipped(epsilon, epsilon_high, delta), normalise=_batch_token_mean,
+        sequence_ratio=False, surrogate=_clipped(epsilon, epsilon_high, delta),
+        normalise=_batch_token_mean(batch_tokens),
         beta=beta, use_bias_correction_kl=use_bias_correction_kl,
     )  # fmt: skip
 
@@ -451,6 +465,7 @@ def dapo_loss(
     advantages: Tensor,
     old_token_logps: Tensor | None = None,
     ref_token_logps: Tensor | None = None,
+    batch_tokens: Tensor | None = None,  # [] the step's completion tokens per call (trainer)
     *,
     beta: float = 0.0,
     epsilon: float = 0.2,
@@ -471,7 +486,8 @@ def dapo_loss(
     """
     return _policy_loss(
         "dapo", policy_token_logps, completion_mask, advantages, old_token_logps, ref_token_logps,
-        sequence_ratio=False, surrogate=_clipped(epsilon, epsilon_high, delta), normalise=_batch_token_mean,
+        sequence_ratio=False, surrogate=_clipped(epsilon, epsilon_high, delta),
+        normalise=_batch_token_mean(batch_tokens),
         beta=beta, use_bias_correction_kl=use_bias_correction_kl,
     )  # fmt: skip
 
@@ -491,6 +507,7 @@ def cispo_loss(
     advantages: Tensor,
     old_token_logps: Tensor | None = None,
     ref_token_logps: Tensor | None = None,
+    batch_tokens: Tensor | None = None,  # [] the step's completion tokens per call (trainer)
     *,
     beta: float = 0.0,
     epsilon_high: float = 5.0,
@@ -508,7 +525,7 @@ def cispo_loss(
     """
     return _policy_loss(
         "cispo", policy_token_logps, completion_mask, advantages, old_token_logps, ref_token_logps,
-        sequence_ratio=False, surrogate=_cispo(epsilon_high), normalise=_batch_token_mean,
+        sequence_ratio=False, surrogate=_cispo(epsilon_high), normalise=_batch_token_mean(batch_tokens),
         beta=beta, use_bias_correction_kl=use_bias_correction_kl,
     )  # fmt: skip
 

@@ -72,7 +72,16 @@ LENGTH_INPUTS = ("chosen_lengths", "rejected_lengths")
 STANDARD_INPUTS = ("policy_chosen_logps", "policy_rejected_logps", *REFERENCE_INPUTS, *LENGTH_INPUTS)
 GROUP_INPUTS = ("policy_logps", "ref_logps", "rewards", "lengths")  # kind "group": each [G prompts, K samples]
 # kind "token": [N completions, T tokens] each, advantages [N] or [N, T]
-TOKEN_INPUTS = ("policy_token_logps", "old_token_logps", "ref_token_logps", "completion_mask", "advantages")
+# batch_tokens []: the completion tokens per loss call of the whole step's batch (the token-mean normaliser a trainer
+# computes over every micro-batch and process)
+TOKEN_INPUTS = (
+    "policy_token_logps",
+    "old_token_logps",
+    "ref_token_logps",
+    "completion_mask",
+    "advantages",
+    "batch_tokens",
+)
 # kind "unpaired": [N] single labelled completions (policy_logps / ref_logps as in GROUP_INPUTS, there [G, K]) and
 # [M] mismatched (prompt, completion) pairs for KTO's KL reference point
 UNPAIRED_INPUTS = ("policy_logps", "ref_logps", "labels", "policy_kl_logps", "ref_kl_logps")

@@ -165,6 +165,14 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
     required, optional = plan(loss_fn, layout.names)  # an input nobody supplies fails before anything is built
     accelerator = _accelerator(tcfg, run_dir)
     device = accelerator.device
+    req = loss_fn.requirements
+    if req.kind == "token" and "advantages" not in req.inputs and tcfg.batch_size > tcfg.micro_batch_size:
+        log.warning(  # its own advantages from the rewards: statistics of the call, i.e. of one micro-batch
+            "loss '%s' builds its advantages from the micro-batch it is given: with %d micro-batches per step "
+            "(accumulation x processes) its normalisation is per micro-batch, not over the step's batch; set "
+            "trainer.micro_batch_size=%d for one call per step",
+            loss_fn.name, tcfg.batch_size // tcfg.micro_batch_size, tcfg.batch_size,
+        )  # fmt: skip
     set_seed(tcfg.seed)
     start = build_policy(settings, device)
     reference = _reference(settings, loss_fn, start, device, needs_model=online or tcfg.sample_eval)
@@ -242,7 +250,9 @@ def _layout(loss_fn: losses.BoundLoss, settings: TrainerSettings):
         raise ConfigError(
             f"loss '{loss_fn.name}' is a {kind} loss (k sampled completions per prompt); train it with trainer=online"
         )
-    return LAYOUTS[kind](settings.online.scale_rewards) if kind == "token" else LAYOUTS[kind]()
+    if kind == "token":
+        return LAYOUTS[kind](settings.online.scale_rewards, width=settings.online.max_new_tokens)
+    return LAYOUTS[kind]()
 
 
 def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:

@@ -71,6 +71,7 @@ class Draw:
     micro_batches: list[list[dict]]  # this process's examples, one list per accumulation micro-step
     metrics: dict[str, float] = field(default_factory=dict)  # sampling statistics (online)
     table: list[dict] | None = None  # a few samples to log
+    inputs: dict[str, float] = field(default_factory=dict)  # loss inputs of the whole step (every micro-batch)
 
 
 class OfflineSource:
@@ -256,7 +257,31 @@ class OnlineSource:
         every = self.sampling.table_every
         if every and ((step + 1) % every == 0 or step == 0):  # logged as steps 1, every, 2 * every, ...
             table = self._table(sampled)
-        return Draw(micro_batches, metrics, table)
+        inputs = self._batch_statistics(micro_batches) if self.kind == "token" else {}
+        return Draw(micro_batches, metrics, table, inputs)
+
+    def _batch_statistics(self, micro_batches: list[list[dict]]) -> dict[str, float]:
+        """Token losses: what depends on the whole step's batch, over every process, so the update does not depend
+        on how the batch is split into micro-batches and processes. Each group gets its completions' advantages
+        (:func:`losses.group_advantages` on the rewards of every process's groups: ``scale_rewards=batch`` takes
+        the std of the global batch, as TRL); the step gets ``batch_tokens``, the completion tokens of the global
+        batch per loss call (TRL's ``num_items_in_batch / num_processes × gradient_accumulation_steps``), the
+        normaliser of the token-mean losses."""
+        import losses
+
+        groups = [g for micro in micro_batches for g in micro]
+        rewards = torch.tensor([g["rewards"] for g in groups], dtype=torch.float64)
+        tokens = torch.tensor([float(sum(len(c) for g in groups for c in g["completions"]))], dtype=torch.float64)
+        if self.world > 1:
+            gathered = [torch.zeros_like(rewards) for _ in range(self.world)]
+            torch.distributed.all_gather(gathered, rewards)  # every process holds as many groups
+            torch.distributed.all_reduce(tokens)
+            rewards = torch.cat(gathered)
+        advantages = losses.group_advantages(rewards, scale_rewards=self.sampling.scale_rewards)
+        own = advantages.reshape(-1, self.k)[self.rank * len(groups) : (self.rank + 1) * len(groups)]
+        for group, values in zip(groups, own.tolist(), strict=True):
+            group["advantages"] = values
+        return {"batch_tokens": float(tokens) / (len(micro_batches) * self.world)}
 
     def _rewards(self, sampled: dict) -> torch.Tensor:
         return sampled["scores"].total.double().reshape(-1, self.k)  # [G, K]
@@ -339,11 +364,20 @@ class OnlineSource:
         if self.held is None:
             return None
         index, draw = self.held
-        return {"index": index, "micro_batches": draw.micro_batches, "metrics": draw.metrics, "table": draw.table}
+        return {
+            "index": index,
+            "micro_batches": draw.micro_batches,
+            "metrics": draw.metrics,
+            "table": draw.table,
+            "inputs": draw.inputs,
+        }
 
     def load_process_state(self, state: dict[str, Any] | None) -> None:
         self.held = (
             None
             if state is None
-            else (int(state["index"]), Draw(state["micro_batches"], state["metrics"], state["table"]))
+            else (
+                int(state["index"]),
+                Draw(state["micro_batches"], state["metrics"], state["table"], state.get("inputs", {})),
+            )
         )

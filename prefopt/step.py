@@ -95,16 +95,26 @@ class TokenLayout(GroupLayout):
     per_token = True
     names = ("policy_token_logps", "completion_mask", "advantages", "rewards")
 
-    def __init__(self, scale_rewards: str = "group"):
+    def __init__(self, scale_rewards: str = "group", width: int | None = None):
         self.scale_rewards = scale_rewards
+        self.width = width  # the sampler's max_new_tokens: every call's T (Dr. GRPO's constant normaliser)
 
     def named(self, values: Tensor, names: Sequence[str], n_items: int) -> dict[str, Tensor]:
-        """Per-row values ``[N, ...]`` unchanged: token losses take one row per completion."""
-        return {names[0]: values}
+        """Per-row values ``[N, ...]``: token losses take one row per completion (per-token rows padded to T)."""
+        return {names[0]: self._padded(values)}
+
+    def _padded(self, values: Tensor) -> Tensor:
+        if self.width is None or values.dim() != 2 or values.shape[1] >= self.width:
+            return values
+        return torch.nn.functional.pad(values, (0, self.width - values.shape[1]))
 
     def inputs(self, items: Sequence[dict], logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        logps, mask = self._padded(logps), self._padded(mask)  # T = max_new_tokens in every call
         rewards = torch.tensor([g["rewards"] for g in items], dtype=torch.float32, device=logps.device)
-        advantages = losses.group_advantages(rewards, scale_rewards=self.scale_rewards)
+        if all("advantages" in g for g in items):  # computed by the sampler over the whole step's batch
+            advantages = torch.tensor([a for g in items for a in g["advantages"]], device=logps.device)
+        else:
+            advantages = losses.group_advantages(rewards, scale_rewards=self.scale_rewards)
         out = {"policy_token_logps": logps, "completion_mask": mask, "advantages": advantages, "rewards": rewards}
         if all("old_token_logps" in g for g in items):  # the sampling policy's values (num_iterations > 1)
             old = torch.zeros_like(logps)
@@ -141,7 +151,8 @@ class Step:
         req = loss_fn.requirements
         self.accepted = set(req.inputs) | set(req.optional_inputs)
 
-    def __call__(self, policy, items: list[dict], step: int, index: int) -> StepOutput:
+    def __call__(self, policy, items: list[dict], step: int, index: int, shared: dict | None = None) -> StepOutput:
+        """``shared``: loss inputs of the whole step (e.g. ``batch_tokens``), the same for every micro-batch."""
         rows = self.layout.rows(items)
         micro = MicroBatch(items, rows, step, index, self.layout, self.device)
         added = [provider.sequences(micro) for provider in self.providers]  # each provider's own rows
@@ -161,6 +172,9 @@ class Step:
                 policy, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=self.buckets
             )
             inputs = self.layout.inputs(items, logps[:n], batch.lengths[:n])
+        for key, value in (shared or {}).items():
+            if key in self.accepted:
+                inputs[key] = torch.tensor(value, dtype=torch.float32, device=self.device)
         start = n
         for provider, own in zip(self.providers, added, strict=True):
             end = start + len(own)
@@ -192,8 +206,11 @@ class NonFiniteGuard:
         return bool(self.limit) and self.consecutive >= self.limit
 
 
-def forward_backward(accelerator, policy, step_fn: Step, micro_batches: list[list[dict]], step: int):
-    """Forward + backward over the micro-batches of one optimizer step (gradients synchronised on the last only).
+def forward_backward(
+    accelerator, policy, step_fn: Step, micro_batches: list[list[dict]], step: int, shared: dict | None = None
+):
+    """Forward + backward over the micro-batches of one optimizer step (gradients synchronised on the last only);
+    ``shared``: the step's loss inputs common to every micro-batch (``Draw.inputs``).
 
     Returns ``(averager, problem)``. A non-finite loss input or value (``losses.NonFiniteError``) does not stop the
     loop: the micro-batch backpropagates a zero through every parameter instead, so all processes run the same
@@ -206,7 +223,7 @@ def forward_backward(accelerator, policy, step_fn: Step, micro_batches: list[lis
             loss = None
             if items:
                 try:
-                    result = step_fn(policy, items, step, index)
+                    result = step_fn(policy, items, step, index, shared)
                     averager.tokens += result.tokens
                     loss = result.out.loss / len(micro_batches)
                     averager.add(result.out)

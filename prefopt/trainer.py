@@ -61,7 +61,7 @@ def loop(run: Run, started: float) -> dict[str, Any]:
     while step < tcfg.max_steps:
         step_started = time.perf_counter()
         draw = source.draw(accelerator.unwrap_model(policy), step)
-        averager, problem = forward_backward(accelerator, policy, run.step, draw.micro_batches, step)
+        averager, problem = forward_backward(accelerator, policy, run.step, draw.micro_batches, step, draw.inputs)
         empty = _agree(accelerator, None if averager.count else "no training items (every sampled reward tied)")
         grad_norm = None
         if problem is None and empty is None:

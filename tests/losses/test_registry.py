@@ -188,14 +188,16 @@ def test_token_declarations(name):
     free = losses.get(name).requirements
     assert free.kind == "token"
     assert free.inputs == ("policy_token_logps", "completion_mask", "advantages")
-    assert free.optional_inputs == ("old_token_logps", "ref_token_logps")
-    assert set(free.inputs + free.optional_inputs) == set(registry.TOKEN_INPUTS)
+    token_mean = name in ("bnpo", "dapo", "cispo")  # their normaliser can be the whole step's token count
+    assert free.optional_inputs == ("old_token_logps", "ref_token_logps", *(("batch_tokens",) if token_mean else ()))
+    assert set(free.inputs + free.optional_inputs) | {"batch_tokens"} == set(registry.TOKEN_INPUTS)
     assert losses.TOKEN_INPUTS == registry.TOKEN_INPUTS
     assert free.extras == () and free.optional_extras == ()
     assert not free.needs_reference and not free.needs_lengths
     kl = losses.get(name, beta=0.04).requirements
     assert kl.inputs == ("policy_token_logps", "completion_mask", "advantages", "ref_token_logps")
-    assert kl.optional_inputs == ("old_token_logps",) and kl.needs_reference and kl.kind == "token"
+    assert kl.optional_inputs == ("old_token_logps", *(("batch_tokens",) if token_mean else ()))
+    assert kl.needs_reference and kl.kind == "token"
 
 
 def test_reinforce_pp_declaration():
