@@ -48,6 +48,7 @@ from losses.kto import apo_zero_unpaired_loss, kl_reference_point, kto_loss
 from losses.mpo import mpo_loss
 from losses.pairwise import apo_down_loss, apo_zero_loss, bco_pair_loss, exo_pair_loss, nca_pair_loss
 from losses.policy_gradient import rloo_loss
+from losses.ppo import gae, masked_whiten, ppo_loss
 from losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
 from losses.registry import (
     GROUP_INPUTS,
@@ -104,6 +105,9 @@ __all__ = [
     "combo_loss",
     "rloo_loss",
     "reinforce_pp_loss",
+    "ppo_loss",
+    "gae",
+    "masked_whiten",
     "reinforce_pp_advantages",
     "GROUP_INPUTS",
     "grpo_loss",

@@ -22,7 +22,10 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 import losses
-from prefopt import models
+from prefopt import (
+    critic,  # noqa: F401 - registers the 'values' provider
+    models,
+)
 from prefopt.adapters import AdapterSettings, adapter_state, apply_adapters, quantization_config, read_adapter_settings
 from prefopt.cache import cache_key
 from prefopt.config import ConfigError, plain

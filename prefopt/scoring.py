@@ -30,6 +30,7 @@ class Scores:
     total: Tensor  # [N] the reward the loss is trained on
     components: dict[str, Tensor]  # name -> [N] raw values of each reward involved
     metrics: dict[str, float] = field(default_factory=dict)
+    tokens: list[Tensor] | None = None  # per sample, the reward of each completion token (sums to total), if any
 
 
 class RewardScorer:
@@ -203,7 +204,8 @@ class AlarmScorer:
         )
         metrics = {k: float(v) for k, v in out.metrics.items() if k != "alarm/aspect/none"}
         metrics["alarm/passed_gate_frac"] = float(out.passed_gate.float().mean())
-        return Scores(out.sequence_rewards.float(), {"holistic": holistic, **raw}, metrics)
+        tokens = [out.token_rewards[row, : int(n)].float() for row, n in enumerate(lengths)]  # R_t, Σ_t = total
+        return Scores(out.sequence_rewards.float(), {"holistic": holistic, **raw}, metrics, tokens)
 
 
 def build_scorer(cfg: Mapping[str, Any]) -> RewardScorer | AlarmScorer:

@@ -326,6 +326,9 @@ class OnlineSource:
             }
             if sampled.get("policy_token_logps") is not None:  # the sampling policy's per-token values
                 group["old_token_logps"] = [sampled["policy_token_logps"][i] for i in rows]
+            tokens = sampled["scores"].tokens
+            if tokens is not None and self.kind == "token":  # per-token rewards (ALaRM's token vector)
+                group["token_rewards"] = [tokens[i].tolist() for i in rows]
             tied += bool((rewards_gk[g] == rewards_gk[g][0]).all())
             per_prompt.append([group])
         return per_prompt, tied

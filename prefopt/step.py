@@ -93,7 +93,7 @@ class TokenLayout(GroupLayout):
 
     kind = "token"
     per_token = True
-    names = ("policy_token_logps", "completion_mask", "advantages", "rewards")
+    names = ("policy_token_logps", "completion_mask", "advantages", "rewards", "token_rewards")
 
     def __init__(self, scale_rewards: str = "group", width: int | None = None):
         self.scale_rewards = scale_rewards
@@ -116,12 +116,27 @@ class TokenLayout(GroupLayout):
         else:
             advantages = losses.group_advantages(rewards, scale_rewards=self.scale_rewards)
         out = {"policy_token_logps": logps, "completion_mask": mask, "advantages": advantages, "rewards": rewards}
+        if all("token_rewards" in g for g in items):  # each vector right-aligned to its own row's last token
+            out["token_rewards"] = right_aligned([v for g in items for v in g["token_rewards"]], mask)
         if all("old_token_logps" in g for g in items):  # the sampling policy's values (num_iterations > 1)
             old = torch.zeros_like(logps)
             for row, values in enumerate(v for g in items for v in g["old_token_logps"]):
                 old[row, : len(values)] = torch.tensor(values, dtype=logps.dtype)
             out["old_token_logps"] = old
         return out
+
+
+def right_aligned(vectors: Sequence[Sequence[float]], mask: Tensor) -> Tensor:
+    """``[N, T]`` (``mask``'s shape, rows left-aligned): row i's vector placed so that its last value lands on row
+    i's last real token (``mask[i].sum() − 1``), whatever the rows' lengths; a vector longer than its row keeps its
+    last values."""
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    for row, values in enumerate(vectors):
+        length = int(mask[row].sum())
+        values = list(values)[-length:] if length else []
+        if values:
+            out[row, length - len(values) : length] = torch.tensor(values, dtype=torch.float32)
+    return out
 
 
 LAYOUTS = {"pair": PairLayout, "group": GroupLayout, "token": TokenLayout}

@@ -103,6 +103,7 @@ def make_token_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch
         completion_mask=mask,
         advantages=torch.randn(B, generator=gen, dtype=dtype),
         rewards=torch.randn(B, generator=gen, dtype=dtype),  # one per completion, for losses that shape their own
+        values=torch.randn(B, T, generator=gen, dtype=dtype) * mask.to(dtype),  # a critic's, for ppo
     )
     req = loss.requirements
     return {k: v for k, v in token.items() if k in req.inputs or k in req.optional_inputs}

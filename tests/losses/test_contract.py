@@ -132,14 +132,19 @@ def test_token_trl_metrics(name):
     clip = {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
     clip |= {"clip_ratio/low_min", "clip_ratio/high_max"}
     returns = {"reinforce/return_mean", "reinforce/return_std"}  # REINFORCE++ (OpenRLHF), not a TRL loss
-    expected = {"cispo": {"cispo_clip_ratio"}, "sapo": set(), "reinforce_pp": clip | returns}.get(name, clip)
+    ppo = {"policy/clipfrac", "policy/approxkl", "value/loss", "value/clipfrac", "ppo/return_mean"}
+    ppo |= {"ppo/advantage_mean", "ppo/reward_mean"}  # TRL PPOTrainer's names where it has them, not GRPO's
+    not_rates = returns | {"policy/approxkl", "value/loss", "ppo/return_mean", "ppo/advantage_mean", "ppo/reward_mean"}
+    expected = {"cispo": {"cispo_clip_ratio"}, "sapo": set(), "reinforce_pp": clip | returns, "ppo": ppo}.get(
+        name, clip
+    )
     free = losses.get(name, **{**_loss(name).hparams, "beta": 0.0})
     assert set(free(**make_inputs(free)).metrics) == expected
     with_kl = losses.get(name, **{**free.hparams, "beta": 0.1})
     metrics = with_kl(**make_inputs(with_kl)).metrics
     assert set(metrics) == expected | {"kl"}
-    assert metrics["kl"].item() >= 0.0
-    for key in expected - returns:  # rates
+    assert metrics["kl"].item() >= 0.0 or with_kl.hparams.get("kl_estimator") == "k1"  # ppo's k1 is signed
+    for key in expected - not_rates:  # rates
         assert 0.0 <= metrics[key].item() <= 1.0, key
 
 

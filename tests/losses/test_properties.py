@@ -107,6 +107,7 @@ def token_batches(draw, max_completions: int = 6, max_tokens: int = 8) -> dict[s
         "completion_mask": (torch.arange(t)[None, :] < lengths[:, None]).long(),
         "advantages": _column(draw, n, REWARDS),
         "rewards": _column(draw, n, REWARDS),  # for losses that build their own advantages (reinforce_pp)
+        "values": _column(draw, n * t, REWARDS).reshape(n, t),  # a critic's per-token values (ppo)
     }
 
 

@@ -39,7 +39,7 @@ ISSUE_NAMES = {  # the pairwise losses
 REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft"}  # and mpo with pair_center="none"
 GROUP_NAMES = {"rloo"}  # k sampled completions per prompt
 # per-token losses: the GRPO family and REINFORCE++
-TOKEN_NAMES = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo", "reinforce_pp"}
+TOKEN_NAMES = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo", "reinforce_pp", "ppo"}
 UNPAIRED_NAMES = {"kto", "apo_zero_unpaired"}  # single labelled completions, KTO's family
 
 
@@ -181,7 +181,7 @@ def test_group_declarations():
     assert losses.get("rloo", kl_coef=1e-6).needs_reference
 
 
-@pytest.mark.parametrize("name", sorted(TOKEN_NAMES - {"reinforce_pp"}))
+@pytest.mark.parametrize("name", sorted(TOKEN_NAMES - {"reinforce_pp", "ppo"}))
 def test_token_declarations(name):
     """A GRPO-family token loss declares the per-token inputs (not extras); old log-probs are optional, and the
     reference is required exactly when beta > 0 (each loss has its own ``required_if`` hook)."""

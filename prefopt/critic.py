@@ -1,0 +1,79 @@
+"""The value estimate PPO needs per token: a value head on the policy's last hidden state, trained with the policy.
+
+Provider ``values`` (for losses that declare ``values``, e.g. ``ppo``): at build it attaches a linear head
+``prefopt_value_head`` (hidden size -> 1, zero-initialised: V = 0 at step 0) to the policy, before the optimizer and
+accelerate see the model, so the head is optimised, wrapped (DDP), checkpointed and resumed with the policy. Each
+micro-batch it runs the policy's decoder on the layout's rows and reads ``V(s_t) = head(h_{t−1})`` at every
+completion token — the hidden state whose LM head gives that token's log-prob — left-aligned ``[N, T]`` like the
+token log-probs. The decoder is shared (the value loss reaches the policy's weights, scaled by ``vf_coef``), as in the
+value-head models of TRL's first PPO and of the ALaRM authors' trainer.
+
+Cost and limits: the values come from a second decoder forward per micro-batch (the policy's log-probs forward keeps
+its length buckets and chunked head); ``old_values`` are not captured at sampling time, so the loss uses the current
+values (exact for ``num_iterations=1``, where they are equal). ``final/`` keeps the head's weights beside the model's
+(``prefopt_value_head.*``; transformers skips them on load).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prefopt.batching import collate
+from prefopt.providers import MicroBatch, Own, Provider, ProviderContext, register_provider
+
+__all__ = ["ValueHead", "values_of"]
+
+HEAD = "prefopt_value_head"
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under a causal LM (and under a peft wrapper): its output has ``last_hidden_state``."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, model.base_model_prefix)
+
+
+def _owner(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the head: the causal LM itself (under a peft wrapper, its base model)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def values_of(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
+    """``[N, L]`` values of every completion token, left-aligned (L = the longest completion), fp32, with grad."""
+    head = getattr(_owner(model), HEAD)
+    hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    target = completion_mask[:, 1:].bool()  # position t − 1 predicts completion token t
+    values = head(hidden[:, :-1][target].to(head.weight.dtype)).squeeze(-1).float()
+    places = (target.long().cumsum(dim=1) - 1)[target]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target)[target]
+    width = int(target.sum(dim=1).max()) if target.any() else 0
+    out = torch.zeros((input_ids.shape[0], width), dtype=values.dtype, device=values.device)
+    return out.index_put((rows, places), values)
+
+
+class ValueHead(Provider):
+    """Supplies ``values`` (see the module docstring)."""
+
+    names = ("values",)
+
+    def __init__(self, policy: torch.nn.Module, pad_id: int):
+        self.policy, self.pad_id = policy, pad_id
+        owner = _owner(policy)
+        if not hasattr(owner, HEAD):
+            hidden = owner.config.hidden_size
+            head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+            dtype = next(p.dtype for p in owner.parameters() if p.dtype.is_floating_point)
+            owner.add_module(HEAD, head.to(device=next(owner.parameters()).device, dtype=dtype))
+
+    def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
+        batch = collate(micro.rows, self.pad_id).to(micro.device)
+        values = values_of(self.policy, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        return micro.layout.named(values, self.names, len(micro.items))
+
+
+@register_provider("values", ("values",))
+def _values(ctx: ProviderContext) -> Provider:
+    return ValueHead(ctx.policy, ctx.tokenizer.pad_token_id)
