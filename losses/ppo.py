@@ -38,8 +38,11 @@ Metrics (TRL's names where it has them): ``kl`` (masked mean of KL̂), ``policy/
 (½·mean of (log r)²), ``value/loss``, ``value/clipfrac``, ``ppo/return_mean``, ``ppo/advantage_mean`` (before
 whitening), ``ppo/reward_mean`` (mean per-completion sum of ρ).
 
-Not here: the adaptive KL controller of Ziegler et al. (its coefficient changes between steps: a trainer's state,
-which passes the current value as ``beta``) and early stopping of an epoch on policy KL (a trainer's loop).
+The adaptive KL coefficient of Ziegler et al. 2019 (§2.2) is a trainer's state, not the loss's: with
+``kl_target`` set, the trainer starts at ``β`` and after every step multiplies it by
+``1 + clip(KL/kl_target − 1, −0.2, 0.2) · n/kl_horizon`` (KL: the step's sampled sequence KL to the reference, n: the
+step's sampled completions) and passes it as the input ``kl_coef``; the loss only uses it. ALaRM's setting:
+β = 0.2, target 6, horizon 10000. Not here: early stopping of the epochs over one draw on policy KL.
 """
 
 from __future__ import annotations
@@ -130,6 +133,8 @@ def _sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
         "cliprange_value": positive,
         "vf_coef": non_negative,
         "whiten": one_of(True, False),
+        "kl_target": optional(positive),
+        "kl_horizon": positive,
     },
     requires=required_if(lambda hparams: hparams["beta"] > 0, ("ref_token_logps",)),
 )
@@ -142,6 +147,7 @@ def ppo_loss(
     old_values: Tensor | None = None,  # [N, T] values at sampling time (absent: values.detach())
     rewards: Tensor | None = None,  # [N] or [G, K] one reward per completion, on its last token
     token_rewards: Tensor | None = None,  # [N, T] rewards per token, placed on the completion's tokens
+    kl_coef: Tensor | None = None,  # [] the KL coefficient of this step (an adaptive controller's), instead of beta
     *,
     beta: float = 0.05,
     kl_estimator: str = "k1",
@@ -152,8 +158,12 @@ def ppo_loss(
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
     whiten: bool = True,
+    kl_target: float | None = None,
+    kl_horizon: int = 10000,
 ) -> LossOutput:
-    """PPO with a KL-penalised per-token reward and GAE (module docstring)."""
+    """PPO with a KL-penalised per-token reward and GAE (module docstring). ``kl_target`` / ``kl_horizon`` configure
+    the trainer's adaptive controller (module docstring), which passes its coefficient as ``kl_coef``; the loss
+    itself uses ``kl_coef`` when given, else ``beta``."""
     shape = tuple(policy_token_logps.shape)
     if policy_token_logps.dim() != 2:
         raise LossError(f"loss 'ppo': 'policy_token_logps' must be [N, T], got shape {shape}")
@@ -182,9 +192,10 @@ def ppo_loss(
     with torch.no_grad():
         per_token = torch.zeros_like(mask)
         kl = None
+        coef = beta if kl_coef is None else kl_coef.detach().to(dtype)
         if beta > 0:
             kl = _kl(torch.where(valid, old - ref_token_logps.detach().to(dtype), zero), kl_estimator) * mask
-            per_token = per_token - beta * kl
+            per_token = per_token - coef * kl
         if token_rewards is not None:  # the whole reward, per token
             per_token = per_token + token_rewards.detach().to(dtype) * mask
         else:
@@ -216,4 +227,6 @@ def ppo_loss(
         metrics["ppo/return_mean"] = _masked_mean(returns, mask)
         metrics["ppo/advantage_mean"] = _masked_mean(raw, mask)
         metrics["ppo/reward_mean"] = (per_token * mask).sum(-1).mean()
+        if kl_coef is not None:
+            metrics["ppo/kl_coef"] = torch.as_tensor(coef, dtype=dtype)
     return LossOutput(per_example.mean(), per_example, metrics)

@@ -18,8 +18,9 @@ __all__ = ["save_checkpoint", "checkpoints", "resume"]
 log = logging.getLogger("prefopt")
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, source, keep_last: int | None) -> Path:
-    """``checkpoints/step-N``: written to a temporary dir, renamed when complete; old ones pruned after."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, source, keep_last: int | None, providers=()) -> Path:
+    """``checkpoints/step-N``: written to a temporary dir, renamed when complete; old ones pruned after.
+    ``providers``: their :meth:`~prefopt.providers.Provider.state` goes into ``trainer_state.json``."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -31,7 +32,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, source, keep_last: in
         (tmp / f"source_state_{accelerator.process_index}.json").write_text(json.dumps(own))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **source.state()}))
+        states = [provider.state() for provider in providers]
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **source.state(), "providers": states}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -53,8 +55,9 @@ def checkpoints(root: Path) -> list[Path]:
     return [p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.json").exists()]
 
 
-def resume(accelerator, where: Resume, run_dir: Path, source) -> int:
-    """0 for a fresh run; else restore model, optimizer, scheduler, RNG and data position and return the step."""
+def resume(accelerator, where: Resume, run_dir: Path, source, providers=()) -> int:
+    """0 for a fresh run; else restore model, optimizer, scheduler, RNG, data position and the providers' states,
+    and return the step."""
     if where is None:
         return 0
     if where == "latest":
@@ -70,6 +73,9 @@ def resume(accelerator, where: Resume, run_dir: Path, source) -> int:
     accelerator.load_state(str(path))
     state = json.loads((path / "trainer_state.json").read_text())
     source.load_state(state)
+    for provider, saved in zip(providers, state.get("providers") or [None] * len(providers), strict=False):
+        if saved is not None:
+            provider.load_state(saved)
     own = path / f"source_state_{accelerator.process_index}.json"
     source.load_process_state(json.loads(own.read_text()) if own.exists() else None)
     log.info("resumed from %s at step %d", path, state["step"])

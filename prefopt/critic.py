@@ -1,4 +1,5 @@
-"""The value estimate PPO needs per token: a value head on the policy's last hidden state, trained with the policy.
+"""What PPO needs from the trainer: a value estimate per token (a value head on the policy's last hidden state,
+trained with the policy) and an adaptive KL coefficient.
 
 Provider ``values`` (for losses that declare ``values``, e.g. ``ppo``): at build it attaches a linear head
 ``prefopt_value_head`` (hidden size -> 1, zero-initialised: V = 0 at step 0) to the policy, before the optimizer and
@@ -12,6 +13,12 @@ Cost and limits: the values come from a second decoder forward per micro-batch (
 its length buckets and chunked head); ``old_values`` are not captured at sampling time, so the loss uses the current
 values (exact for ``num_iterations=1``, where they are equal). ``final/`` keeps the head's weights beside the model's
 (``prefopt_value_head.*``; transformers skips them on load).
+
+Provider ``kl_coef`` (for losses that take ``kl_coef`` and set ``kl_target``): the adaptive KL controller of Ziegler
+et al. 2019 (their §2.2, TRL's ``AdaptiveKLController``): the coefficient starts at the loss's ``beta``; after every
+optimizer step, with KL the step's sampled sequence KL to the reference (``online/kl``, the mean over every process's
+samples) and n the step's sampled completions, ``β ← β · (1 + clip(KL/kl_target − 1, −0.2, 0.2) · n/kl_horizon)``.
+Its value is checkpointed (a resumed run continues with it) and logged as ``ppo/kl_coef``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from torch import Tensor
 from prefopt.batching import collate
 from prefopt.providers import MicroBatch, Own, Provider, ProviderContext, register_provider
 
-__all__ = ["ValueHead", "values_of"]
+__all__ = ["ValueHead", "values_of", "AdaptiveKL"]
 
 HEAD = "prefopt_value_head"
 
@@ -77,3 +84,44 @@ class ValueHead(Provider):
 @register_provider("values", ("values",))
 def _values(ctx: ProviderContext) -> Provider:
     return ValueHead(ctx.policy, ctx.tokenizer.pad_token_id)
+
+
+class AdaptiveKL(Provider):
+    """Supplies ``kl_coef`` (see the module docstring)."""
+
+    names = ("kl_coef",)
+
+    def __init__(self, start: float, target: float, horizon: int, samples_per_step: int):
+        self.value, self.target, self.horizon, self.samples = (
+            float(start),
+            float(target),
+            int(horizon),
+            samples_per_step,
+        )
+
+    def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
+        return {"kl_coef": torch.tensor(self.value, dtype=torch.float32, device=micro.device)}
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        kl = metrics.get("online/kl")
+        if kl is None:  # no sampled KL this step (e.g. nothing sampled): the coefficient stays
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * self.samples / self.horizon
+
+    def state(self) -> dict[str, float]:
+        return {"kl_coef": self.value}
+
+    def load_state(self, state: dict[str, float]) -> None:
+        self.value = float(state["kl_coef"])
+
+
+def _adaptive(ctx: ProviderContext) -> bool:
+    return ctx.loss.hparams.get("kl_target") is not None
+
+
+@register_provider("kl_coef", ("kl_coef",), when_optional=_adaptive)
+def _kl_coef(ctx: ProviderContext) -> Provider:
+    hparams, tcfg = ctx.loss.hparams, ctx.settings.trainer
+    samples = tcfg.batch_size * tcfg.online.samples_per_prompt
+    return AdaptiveKL(hparams["beta"], hparams["kl_target"], hparams["kl_horizon"], samples)

@@ -100,6 +100,13 @@ class Provider:
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """After each optimizer step: the step's logged training metrics (e.g. to warn about what they show)."""
 
+    def state(self) -> Any:
+        """What must survive a resume (JSON), the same on every process; None when nothing."""
+        return None
+
+    def load_state(self, state: Any) -> None:
+        """Restore :meth:`state`'s value from a checkpoint."""
+
     def summary(self) -> dict[str, Any]:
         """Entries for the run's ``summary.json``."""
         return {}

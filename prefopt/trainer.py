@@ -43,7 +43,7 @@ def loop(run: Run, started: float) -> dict[str, Any]:
     """Run the built ``run`` to ``trainer.max_steps`` (resuming when asked); returns the summary."""
     tcfg, accelerator, policy, source = run.settings.trainer, run.accelerator, run.policy, run.source
     writer = MetricsWriter(accelerator, run.run_dir / "metrics.jsonl")
-    step = resume(accelerator, tcfg.resume, run.run_dir, source)
+    step = resume(accelerator, tcfg.resume, run.run_dir, source, run.providers)
     writer.truncate(step)
     (run.run_dir / "config.yaml").write_text(to_yaml(run.settings.resolved))
     start_trackers(run)
@@ -87,7 +87,7 @@ def loop(run: Run, started: float) -> dict[str, Any]:
             line = {"skipped": 1, **reduce_mean(accelerator, draw.metrics)}
         elif guard.skip(step, problem):
             run.optimizer.zero_grad()
-            saved = save_checkpoint(accelerator, run.run_dir, step, source, tcfg.keep_last)
+            saved = save_checkpoint(accelerator, run.run_dir, step, source, tcfg.keep_last, run.providers)
             raise NonFiniteTraining(
                 f"stopped at step {step}: {guard.consecutive} steps in a row had {problem}; checkpoint saved in {saved}"
             )
@@ -104,7 +104,7 @@ def loop(run: Run, started: float) -> dict[str, Any]:
             if last_eval:
                 writer.log(step, last_eval, "eval/")
         if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
-            save_checkpoint(accelerator, run.run_dir, step, source, tcfg.keep_last)
+            save_checkpoint(accelerator, run.run_dir, step, source, tcfg.keep_last, run.providers)
         bar.update(1)
         bar.set_postfix(postfix(last_train))
     bar.close()

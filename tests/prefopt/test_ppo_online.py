@@ -88,3 +88,38 @@ def test_ppo_trains_its_value_head_and_raises_the_reward(tmp_path, cache_dir):  
     weights = load_file(f"{summary['model_dir']}/model.safetensors")
     assert weights[f"{HEAD}.weight"].abs().sum() > 0  # trained (it starts at zero) and saved with the policy
     assert losses.spec("ppo").kind == "token"
+
+
+def test_adaptive_kl_controller_by_hand():
+    """Ziegler et al.'s controller with ALaRM's setting (β0 0.2, target 6, horizon 10000) and 32 samples a step:
+    KL 9 is 50% over: the error is clipped to 0.2, β × (1 + 0.2·32/10000); KL 6.6: error 0.1; KL 3: clipped −0.2."""
+    from prefopt.critic import AdaptiveKL
+
+    controller = AdaptiveKL(0.2, 6.0, 10000, 32)
+    controller.on_metrics(1, {"online/kl": 9.0})
+    assert controller.value == pytest.approx(0.2 * 1.00064)
+    controller.on_metrics(2, {"online/kl": 6.6})
+    assert controller.value == pytest.approx(0.2 * 1.00064 * 1.00032)
+    controller.on_metrics(3, {"online/kl": 3.0})
+    assert controller.value == pytest.approx(0.2 * 1.00064 * 1.00032 * (1 - 0.00064))
+    controller.on_metrics(4, {})  # nothing sampled: unchanged
+    assert controller.state() == {"kl_coef": pytest.approx(0.2 * 1.00064 * 1.00032 * (1 - 0.00064))}
+
+
+def test_adaptive_kl_coefficient_moves_and_resumes(tmp_path, cache_dir):  # noqa: F811
+    """loss.kl_target: the coefficient the loss used each step is logged (ppo/kl_coef), moves with the sampled KL
+    (here the target is far below it, so it only grows), and a run resumed from step 2 continues with the same
+    coefficients and losses."""
+    common = ["loss=ppo", "loss.beta=0.2", "loss.kl_target=0.01", "loss.kl_horizon=100", "reward=lexicon"]
+    common += ["trainer.lr=3e-3", "trainer.max_steps=4", "trainer.save_every=2"]
+    full = run(tmp_path, cache_dir, *common, name="full")
+    logged = [x for x in lines(full) if "ppo/kl_coef" in x]
+    coefs = [x["ppo/kl_coef"] for x in logged]
+    assert coefs[0] == pytest.approx(0.2) and all(b > a for a, b in zip(coefs[1:], coefs[2:], strict=False))
+    resumed = run(
+        tmp_path, cache_dir, *common, f"trainer.resume={tmp_path}/full/checkpoints/step-2", name="resumed"
+    )
+    again = [x for x in lines(resumed) if "ppo/kl_coef" in x]
+    assert [(x["step"], x["ppo/kl_coef"], x["loss"]) for x in again] == [
+        (x["step"], x["ppo/kl_coef"], x["loss"]) for x in logged if x["step"] > 2
+    ]
