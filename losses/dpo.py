@@ -21,6 +21,7 @@ _EPS_HALF = in_range(0.0, 0.5, high_open=True)
 
 @register(
     "dpo",
+    margin_only=True,
     optimum="closed form π_ref·exp(r/β): BT's logit p = r − r' is additive over pairs",
     paper="Rafailov et al. 2023, arXiv 2305.18290",
     summary="−log σ(βΔ)",
@@ -46,6 +47,7 @@ def dpo_loss(
 
 @register(
     "cdpo",
+    margin_only=True,
     optimum="label smoothing fits σ(βΔ) to (1−2ε)p+ε, not p: margins shrink toward π_ref",
     paper="Mitchell 2023, 'A note on DPO with noisy preferences' (cDPO); TRL ≤ 0.28 sigmoid + label_smoothing",
     summary="−(1−ε) log σ(βΔ) − ε log σ(−βΔ)",
@@ -72,6 +74,7 @@ def cdpo_loss(
 
 @register(
     "robust",
+    margin_only=True,
     optimum="fits σ(βΔ) to the de-noised label (p−ε)/(1−2ε): sharper than π*_DPO on clean labels; unbounded "
     "below where some pair has p < ε",
     paper="Chowdhury et al. 2024, arXiv 2403.00409 (rDPO)",
@@ -101,6 +104,7 @@ def robust_loss(
 
 @register(
     "hinge",
+    margin_only=True,
     optimum="piecewise linear: the minimiser is an LP vertex, β·log-ratios on integer levels, not exp(r/β)",
     piecewise_linear=True,
     paper="Zhao et al. 2023, arXiv 2305.10425 (SLiC-HF); Liu et al. 2023, arXiv 2309.06657 (RSO)",
@@ -123,6 +127,7 @@ def hinge_loss(
 
 @register(
     "sigmoid_norm",
+    margin_only=True,
     optimum="= DPO at length 1 (per-token normalisation is the identity)",
     paper="Lambert et al. 2024, arXiv 2411.15124 (Tülu 3 'DPO-norm')",
     summary="−log σ(β(ρ_w/|y_w| − ρ_l/|y_l|))",
@@ -152,6 +157,7 @@ def sigmoid_norm_loss(
 
 @register(
     "discopop",
+    margin_only=True,
     optimum="non-monotone per-pair loss (logistic below 0, exponential above, switch width τ): no exp(r/β) tilt",
     paper="Chris Lu et al. 2024, arXiv 2406.08414 (DiscoPOP / LRML), Eq. 5",
     summary="(1−m)(−log σ(βΔ)) + m·exp(−βΔ), m = σ(βΔ/τ)",

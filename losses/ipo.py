@@ -12,6 +12,7 @@ __all__ = ["ipo_loss", "sppo_hard_loss"]
 
 @register(
     "ipo",
+    margin_only=True,
     optimum="closed form π_ref·exp(P(y≻μ)/β) (Azar et al. §5)",
     paper="Azar et al. 2023, arXiv 2310.12036 (IPO / ΨPO), Eq. 17",
     summary="(h − 1/(2β))², h = Δ on token-averaged (default) or summed log-probs",

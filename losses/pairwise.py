@@ -23,6 +23,7 @@ def _logratios(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tenso
 
 @register(
     "exo_pair",
+    margin_only=True,
     optimum="reverse-KL fit to the smoothed hard label: βΔ = (2p−1)·log((1−ε)/ε), not additive in r",
     paper="Ji et al. 2024, arXiv 2402.00856 (EXO), Eq. 16",
     summary="σ(βΔ)[log σ(βΔ) − log(1−ε)] + σ(−βΔ)[log σ(−βΔ) − log ε]",

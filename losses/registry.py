@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from losses import modifiers as _modifiers
 from losses._common import HyperParameterError, LossOutput, MissingInputError, NonFiniteError, UnknownLossError
 
 __all__ = [
@@ -188,16 +189,31 @@ class LossSpec:
     accepts_any_input: bool = False  # takes **inputs (composite losses pass them on)
     optimum: str = ""  # the population minimiser on a tabular policy, in words (the exact testbed's notes)
     piecewise_linear: bool = False  # minimised exactly at a vertex (the exact testbed enumerates them)
+    margin_only: bool = False  # a function of the margin Δ = ρ_w − ρ_l alone: f-DPO's modifier applies
+
+    @property
+    def modifier_hparams(self) -> dict[str, Any]:
+        """The modifiers (:mod:`losses.modifiers`: WPO, LD-DPO, f-DPO) this loss takes, with their defaults (off)."""
+        return _modifiers.supported(self)
 
     def validate(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
-        """Unknown names and out-of-range values raise ``HyperParameterError``; returns defaults + ``hparams``."""
-        unknown = sorted(set(hparams) - set(self.hparams))
+        """Unknown names and out-of-range values raise ``HyperParameterError``; returns defaults + ``hparams``, the
+        modifiers' included. A modifier the loss cannot take is refused in one line saying why."""
+        modifier_hparams = self.modifier_hparams
+        for key in sorted(set(hparams) & set(_modifiers.HPARAMS) - set(modifier_hparams)):
+            reason = _modifiers.refusal(self, key, hparams[key])
+            if reason:
+                raise HyperParameterError(reason)
+        hparams = {k: v for k, v in hparams.items() if k in modifier_hparams or k not in _modifiers.HPARAMS}
+        unknown = sorted(set(hparams) - set(self.hparams) - set(modifier_hparams))
         if unknown:
             valid = ", ".join(sorted(self.hparams)) or "none"
+            valid += f" (modifiers: {', '.join(modifier_hparams)})" if modifier_hparams else ""
             raise HyperParameterError(
                 f"loss '{self.name}' has no hyper-parameter {', '.join(map(repr, unknown))}; valid: {valid}"
             )
-        resolved = {**self.hparams, **hparams}
+        resolved = {**self.hparams, **modifier_hparams, **hparams}
+        _modifiers.Modifiers.of(self.name, resolved)  # the modifiers' own checks
         missing = sorted(k for k, v in resolved.items() if v is inspect.Parameter.empty)
         if missing:
             raise HyperParameterError(f"loss '{self.name}' needs hyper-parameter(s) {', '.join(missing)}")
@@ -206,9 +222,17 @@ class LossSpec:
         return resolved
 
     def requirements(self, hparams: Mapping[str, Any] | None = None) -> Requirements:
+        resolved = self.validate(hparams or {})
         if self.requires is not None:
-            return self.requires(self.validate(hparams or {}))
-        return Requirements(inputs=self.inputs, optional_inputs=self.optional_inputs, kind=self.kind)
+            base = self.requires(resolved)
+        else:
+            base = Requirements(inputs=self.inputs, optional_inputs=self.optional_inputs, kind=self.kind)
+        added = _modifiers.Modifiers.of(self.name, resolved).inputs(base.inputs)  # what active modifiers take
+        added = tuple(n for n in added if n not in base.inputs)
+        if not added:
+            return base
+        optional_inputs = tuple(n for n in base.optional_inputs if n not in added)
+        return Requirements(inputs=base.inputs + added, optional_inputs=optional_inputs, kind=base.kind)
 
 
 # ------------------------------------------------------------------------------------------------- finite checks
@@ -257,6 +281,7 @@ def register(
     batch_dependent: bool = False,
     optimum: str = "",
     piecewise_linear: bool = False,
+    margin_only: bool = False,
 ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Register a loss under ``name``; the decorated function becomes the validated plain function.
 
@@ -266,6 +291,10 @@ def register(
 
     ``checks`` maps hyper-parameter names to range checks (``positive``, ``in_range(0, 0.5, high_open=True)``...),
     applied by ``losses.get`` and by every plain call. Registering a name twice is an error.
+
+    ``margin_only``: the loss depends on the log-ratios only through the margin ``Δ = ρ_w − ρ_l`` (per-token averaged
+    where it averages), so f-DPO's ``f_divergence_type`` applies to it. Every pairwise loss also takes the modifiers
+    of :mod:`losses.modifiers` that fit it (``use_weighting``, ``ld_alpha``), in its plain call too.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -289,12 +318,22 @@ def register(
 
         @functools.wraps(fn)
         def plain(*args: Any, **kwargs: Any) -> LossOutput:
+            settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _modifiers.HPARAMS}
+            modified = _modifiers.Modifiers.of(name, spec_.validate(settings)) if settings else None
+            modified = modified if modified is not None and modified.active else None
+            extra = {}  # inputs only the modifiers take
+            if modified is not None:
+                wanted = set(_modifiers.INPUTS) - set(signature.parameters)
+                extra = {k: kwargs.pop(k) for k in list(kwargs) if k in wanted}
             bound = signature.bind(*args, **kwargs)
             given_hparams = {k: v for k, v in bound.arguments.items() if k in hparams}
-            spec_.validate(given_hparams)
-            out = fn(*bound.args, **bound.kwargs)
+            resolved = spec_.validate(given_hparams)
+            if modified is not None:
+                out = modified.apply(fn, dict(bound.arguments), extra, resolved.get("beta"))
+            else:
+                out = fn(*bound.args, **bound.kwargs)
             if _CHECK_FINITE:
-                arguments = dict(bound.arguments)
+                arguments = {**bound.arguments, **extra}
                 arguments.update(arguments.pop(var_keyword, None) or {})
                 tensors = {k: v for k, v in arguments.items() if isinstance(v, Tensor)}
                 _check_finite(name, tensors, out)
@@ -316,6 +355,7 @@ def register(
             accepts_any_input=var_keyword is not None,
             optimum=optimum,
             piecewise_linear=piecewise_linear,
+            margin_only=margin_only,
         )
         _REGISTRY[name] = spec_
         plain.spec = spec_  # type: ignore[attr-defined]
@@ -353,7 +393,7 @@ class BoundLoss:
         missing = [n for n in req.inputs if inputs.get(n) is None]
         if missing:
             raise MissingInputError(f"loss '{self.name}' needs input(s) {', '.join(missing)}")
-        known = set(_BATCH_INPUTS) | set(req.inputs) | set(req.optional_inputs)
+        known = set(_BATCH_INPUTS) | set(req.inputs) | set(req.optional_inputs) | set(_modifiers.INPUTS)
         unknown = sorted(set(inputs) - known)
         if unknown:
             raise MissingInputError(
@@ -361,7 +401,7 @@ class BoundLoss:
                 f"its extras are {', '.join(req.extras + req.optional_extras) or 'none'}"
             )
         if not self.spec.accepts_any_input:  # plain signature: pass only what it accepts
-            accepted = set(self.spec.inputs) | set(self.spec.optional_inputs)
+            accepted = set(self.spec.inputs) | set(self.spec.optional_inputs) | set(req.inputs)
             inputs = {k: v for k, v in inputs.items() if k in accepted}
         return self.spec.fn(**inputs, **self._given)
 

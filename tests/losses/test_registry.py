@@ -334,9 +334,10 @@ def test_conf_loss_in_step_with_registry():
     for name in files:
         cfg = config_hparams(name)
         loss_spec = losses.spec(name)
-        assert set(cfg) == set(loss_spec.hparams), name
+        defaults = {**loss_spec.hparams, **loss_spec.modifier_hparams}  # the modifiers that fit it too
+        assert set(cfg) == set(defaults), name
         for key, value in cfg.items():
-            default = loss_spec.hparams[key]
+            default = defaults[key]
             if default is registry.inspect.Parameter.empty:
                 continue  # required in code (combo.parts); the YAML supplies the default
             assert value == default or (value == {} and default is None), f"{name}.{key}: yaml {value} != {default}"
