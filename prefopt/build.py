@@ -25,6 +25,7 @@ import losses
 from prefopt import (
     critic,  # noqa: F401 - registers the 'values' provider
     models,
+    prefix_reference,  # noqa: F401 - registers the 'reference_shared' provider (LD-DPO)
 )
 from prefopt.adapters import AdapterSettings, adapter_state, apply_adapters, quantization_config, read_adapter_settings
 from prefopt.cache import cache_key

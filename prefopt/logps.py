@@ -24,12 +24,21 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["sequence_logps", "selective_log_softmax", "plan_buckets", "bucket_overhead"]
+__all__ = ["sequence_logps", "sequence_statistics", "selective_log_softmax", "plan_buckets", "bucket_overhead"]
 
 
 def _chunk_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tensor:
     logits = head(hidden).float()  # [chunk, V]
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logps_sum_sq(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> tuple[Tensor, Tensor]:
+    """``_chunk_logps`` and, without gradient, ``log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z)`` of each row."""
+    logits = head(hidden).float()  # [chunk, V]
+    log_z = torch.logsumexp(logits, dim=-1)
+    detached = logits.detach()
+    log_sum_sq = torch.logsumexp(2 * detached, dim=-1) - 2 * log_z.detach()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - log_z, log_sum_sq
 
 
 CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB): rows per chunk = this // vocabulary size
@@ -43,22 +52,28 @@ def auto_chunk_size(vocab_size: int) -> int:
 
 
 def selective_log_softmax(
-    hidden: Tensor, targets: Tensor, head: torch.nn.Module, chunk_size: int | None = None
-) -> Tensor:
+    hidden: Tensor, targets: Tensor, head: torch.nn.Module, chunk_size: int | None = None, *, log_sum_sq: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """``log softmax(head(hidden))[target]`` per row, fp32: hidden [M, H], targets [M] -> [M]. ``chunk_size`` rows
-    per chunk (default: :func:`auto_chunk_size` of the head's output size)."""
+    per chunk (default: :func:`auto_chunk_size` of the head's output size). ``log_sum_sq``: also ``log Σ_v p_v²`` per
+    row ([M], no gradient; WPO's weights), from the same chunks."""
     vocab = getattr(head, "out_features", None) or (hidden.shape[-1] if isinstance(head, torch.nn.Identity) else 0)
     if chunk_size is None:
         chunk_size = auto_chunk_size(vocab) if vocab else 4096
     pieces = []
     keep = bool(vocab) and hidden.shape[0] <= chunk_size and hidden.shape[0] * vocab <= KEEP_ELEMENTS
+    chunk_fn = _chunk_logps_sum_sq if log_sum_sq else _chunk_logps
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad and not keep:
-            pieces.append(checkpoint(_chunk_logps, h, t, head, use_reentrant=False))
+            pieces.append(checkpoint(chunk_fn, h, t, head, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(h, t, head))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+            pieces.append(chunk_fn(h, t, head))
+    if not log_sum_sq:
+        return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]).detach()
 
 
 def bucket_overhead(device: torch.device | str) -> int:
@@ -112,9 +127,11 @@ def _completion_logps(
     completion_mask: Tensor,
     chunk_size: int | None,
     buckets: bool | int,
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """fp32 log-probs of every completion token (one-token shift), with the row of each and its position within its
-    row's completion (0 = first completion token); None when no row has a completion token."""
+    log_sum_sq: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
+    """fp32 log-probs of every completion token (one-token shift), with the row of each, its position within its
+    row's completion (0 = first completion token) and, with ``log_sum_sq``, ``log Σ_v p_v²`` of its next-token
+    distribution (no gradient; else None); None when no row has a completion token."""
     sharded = is_sharded(model)
     if hasattr(model, "get_base_model") and not sharded:  # a peft model: its base runs the injected adapter layers
         model = model.get_base_model()
@@ -150,7 +167,10 @@ def _completion_logps(
     if not states or not sum(len(t) for t in targets):
         return None
     head = model.get_output_embeddings() if plain else torch.nn.Identity()
-    return selective_log_softmax(_cat(states), _cat(targets), head, chunk_size), _cat(rows), _cat(places)
+    if log_sum_sq:
+        values, sum_sq = selective_log_softmax(_cat(states), _cat(targets), head, chunk_size, log_sum_sq=True)
+        return values, _cat(rows), _cat(places), sum_sq
+    return selective_log_softmax(_cat(states), _cat(targets), head, chunk_size), _cat(rows), _cat(places), None
 
 
 def sequence_logps(
@@ -170,8 +190,43 @@ def sequence_logps(
     found = _completion_logps(model, input_ids, attention_mask, completion_mask, chunk_size, buckets)
     if found is None:
         return summed
-    token_logps, rows, _ = found
+    token_logps, rows, _, _ = found
     return summed.index_add(0, rows, token_logps)
+
+
+def sequence_statistics(
+    model: torch.nn.Module,
+    input_ids: Tensor,  # [N, T] prompt + completion, right-padded
+    attention_mask: Tensor,  # [N, T]
+    completion_mask: Tensor,  # [N, T]
+    *,
+    prefix_lengths: Tensor | None = None,  # [N] completion tokens per row that "prefix_logps" sums
+    log_sum_sq: bool = False,
+    chunk_size: int | None = None,
+    buckets: bool | int = True,
+) -> dict[str, Tensor]:
+    """:func:`sequence_logps` (``"logps"``) and, from the same forward and chunked head, per row, fp32 [N]:
+    ``"prefix_logps"``, the summed log-probs of the first ``prefix_lengths[i]`` completion tokens (LD-DPO's shared
+    length), and with ``log_sum_sq`` ``"log_sum_sq_probs"``, ``Σ_t log Σ_v p_v(t)²`` over the completion tokens
+    (no gradient; WPO's weights). No [B, T, V] tensor is held for either."""
+    n = input_ids.shape[0]
+    zeros = lambda: torch.zeros(n, dtype=torch.float32, device=input_ids.device)  # noqa: E731
+    out = {"logps": zeros()}
+    if prefix_lengths is not None:
+        out["prefix_logps"] = zeros()
+    if log_sum_sq:
+        out["log_sum_sq_probs"] = zeros()
+    found = _completion_logps(model, input_ids, attention_mask, completion_mask, chunk_size, buckets, log_sum_sq)
+    if found is None:
+        return out
+    values, rows, places, sum_sq = found
+    out["logps"] = out["logps"].index_add(0, rows, values)
+    if prefix_lengths is not None:
+        inside = places < prefix_lengths.to(places.device)[rows]
+        out["prefix_logps"] = out["prefix_logps"].index_add(0, rows, values * inside)
+    if log_sum_sq:
+        out["log_sum_sq_probs"] = out["log_sum_sq_probs"].index_add(0, rows, sum_sq)
+    return out
 
 
 def token_logps(
@@ -191,7 +246,7 @@ def token_logps(
     if found is None:
         empty = torch.zeros((n, 0), dtype=torch.float32, device=input_ids.device)
         return empty, empty
-    values, rows, places = found
+    values, rows, places, _ = found
     width = int(places.max()) + 1
     out = torch.zeros((n, width), dtype=values.dtype, device=values.device)
     mask = torch.zeros((n, width), dtype=values.dtype, device=values.device)

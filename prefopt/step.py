@@ -22,7 +22,7 @@ from torch import Tensor
 
 import losses
 from prefopt.batching import collate
-from prefopt.logps import sequence_logps, token_logps
+from prefopt.logps import sequence_logps, sequence_statistics, token_logps
 from prefopt.metrics import Averager
 from prefopt.providers import MicroBatch, Own, Provider
 
@@ -41,10 +41,31 @@ log = logging.getLogger("prefopt")
 
 
 class PairLayout:
-    """Pairs ``{prompt_ids, chosen_ids, rejected_ids}``: chosen rows, then rejected rows."""
+    """Pairs ``{prompt_ids, chosen_ids, rejected_ids}``: chosen rows, then rejected rows. Besides the summed
+    log-probs it supplies, where the loss declares them, per-row statistics of the same forward
+    (:func:`~prefopt.logps.sequence_statistics`): the summed log-probs over the pair's shared length
+    ``min(|y_w|, |y_l|)`` and ``Σ_t log Σ_v p²`` (the DPO modifiers' inputs, :mod:`losses.modifiers`)."""
 
     kind = "pair"
-    names = ("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths")
+    # statistic of sequence_statistics -> the (chosen, rejected) input names it fills
+    statistics = {
+        "prefix_logps": ("policy_chosen_shared_logps", "policy_rejected_shared_logps"),
+        "log_sum_sq_probs": ("policy_chosen_log_sum_sq_probs", "policy_rejected_log_sum_sq_probs"),
+    }
+    names = (
+        "policy_chosen_logps",
+        "policy_rejected_logps",
+        "chosen_lengths",
+        "rejected_lengths",
+        *(name for pair in statistics.values() for name in pair),
+    )
+
+    @staticmethod
+    def prefix_lengths(lengths: Tensor, n_items: int) -> Tensor:
+        """Per row of a forward (the layout's 2B rows first): the shared length ``min(|y_w|, |y_l|)`` of its pair;
+        a provider's row after them keeps its own length. ``lengths``: completion tokens per row."""
+        shared = torch.minimum(lengths[:n_items], lengths[n_items : 2 * n_items])
+        return torch.cat([shared, shared, lengths[2 * n_items :]])
 
     def rows(self, items: Sequence[dict]) -> list[dict]:
         return [
@@ -59,7 +80,7 @@ class PairLayout:
 
     def inputs(self, items: Sequence[dict], logps: Tensor, lengths: Tensor) -> dict[str, Tensor]:
         n = len(items)
-        return {**self.named(logps, self.names[:2], n), **self.named(lengths, self.names[2:], n)}
+        return {**self.named(logps, self.names[:2], n), **self.named(lengths, self.names[2:4], n)}
 
 
 class GroupLayout:
@@ -183,10 +204,26 @@ class Step:
             width = int(batch.lengths[:n].max())
             inputs = self.layout.inputs(items, values[:n, :width], mask[:n, :width])
         else:
-            logps = sequence_logps(
-                policy, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=self.buckets
-            )
+            wanted = {k: v for k, v in getattr(self.layout, "statistics", {}).items() if set(v) & self.accepted}
+            if wanted:  # per-row statistics the loss declares, from the same forward
+                prefix = self.layout.prefix_lengths(batch.lengths, len(items)) if "prefix_logps" in wanted else None
+                stats = sequence_statistics(
+                    policy,
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.completion_mask,
+                    prefix_lengths=prefix,
+                    log_sum_sq="log_sum_sq_probs" in wanted,
+                    buckets=self.buckets,
+                )
+                logps = stats["logps"]
+            else:
+                logps = sequence_logps(
+                    policy, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=self.buckets
+                )
             inputs = self.layout.inputs(items, logps[:n], batch.lengths[:n])
+            for statistic, names in wanted.items():
+                inputs.update(self.layout.named(stats[statistic][:n], names, len(items)))
         for key, value in (shared or {}).items():
             if key in self.accepted:
                 inputs[key] = torch.tensor(value, dtype=torch.float32, device=self.device)
