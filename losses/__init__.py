@@ -17,10 +17,14 @@ Unpaired losses (kind "unpaired", KTO's family: ``kto``, ``apo_zero_unpaired``) 
 desirable or undesirable: ``policy_logps, ref_logps, labels`` ``[N]`` and, for KTO's KL reference point, the log-probs
 of M mismatched (prompt, completion) pairs ``policy_kl_logps, ref_kl_logps`` ``[M]`` (``UNPAIRED_INPUTS``).
 
+Pairwise losses also take the DPO modifiers of ``losses.modifiers``, each where it fits (TRL 1.16's names): WPO's
+``use_weighting``, LD-DPO's ``ld_alpha`` and f-DPO's ``f_divergence_type`` / ``f_alpha_divergence_coef``
+(``losses.get("dpo", ld_alpha=0.5)``); active, they add the inputs they need to the loss's requirements.
+
 Depends on torch only. Third-party packages register more losses through the ``prefopt.losses`` entry-point group.
 """
 
-from losses import alarm
+from losses import alarm, modifiers
 from losses._common import (
     HyperParameterError,
     LossError,
@@ -124,6 +128,7 @@ __all__ = [
     "kl_reference_point",
     "UNPAIRED_INPUTS",
     "alarm",
+    "modifiers",
     "AlarmReward",
     "alarm_reward",
     "shaped_aspects",
