@@ -24,8 +24,9 @@ side's rows, as in TRL (it concatenates an empty tensor for the missing side). M
 used; 0 for ``apo_zero_unpaired``, which TRL also logs), ``rewards/chosen`` / ``rewards/rejected`` (the mean of
 ``β·ρ`` over the desirable / undesirable rows), ``logps/chosen`` / ``logps/rejected`` (the mean ``S_θ``), each only
 when that side has rows, and ``rewards/margins`` (their difference) only when both have — TRL leaves them out the
-same way. TRL's ``entropy``, ``logits/chosen``, ``logits/rejected``, ``num_tokens`` and ``aux_loss`` need the model's
-outputs and are not computed here.
+same way. ``rewards/accuracies`` (prefopt's, always present) is the fraction of rows whose ρ lies on their label's
+side of the reference point (ρ > z₀ desirable, ρ < z₀ undesirable). TRL's ``entropy``, ``logits/chosen``,
+``logits/rejected``, ``num_tokens`` and ``aux_loss`` need the model's outputs and are not computed here.
 
 Differences from TRL (tests/losses/test_kto.py runs TRL's own ``KTOTrainer._compute_loss`` for the rest):
 
@@ -116,10 +117,14 @@ def _unpaired(
 @torch.no_grad()
 def _metrics(beta: float, policy_logps: Tensor, logratios: Tensor, labels: Tensor, kl: Tensor) -> dict[str, Tensor]:
     """TRL's names: ``kl``; ``rewards/{chosen,rejected}`` = mean β·ρ and ``logps/{chosen,rejected}`` = mean S_θ over
-    the desirable / undesirable rows (only for a side with rows); ``rewards/margins`` only when both sides have."""
+    the desirable / undesirable rows (only for a side with rows); ``rewards/margins`` only when both sides have. And
+    prefopt's ``rewards/accuracies`` (not TRL's): the fraction of rows on their label's side of the reference point,
+    ρ > z₀ if desirable, ρ < z₀ if not (z₀ = 0 for ``apo_zero_unpaired``); 0 at the start, where every ρ = z₀ = 0."""
     rewards = beta * logratios.detach()
     policy_logps = policy_logps.detach()
     metrics = {"kl": kl.detach()}
+    right_side = torch.where(labels, logratios.detach() > kl, logratios.detach() < kl)
+    metrics["rewards/accuracies"] = right_side.to(rewards.dtype).mean()
     for side, rows in (("chosen", labels), ("rejected", ~labels)):
         if bool(rows.any()):
             metrics[f"rewards/{side}"] = rewards[rows].mean()

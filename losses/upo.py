@@ -67,8 +67,10 @@ _VALUE_BASELINES = ("prompt_expectile", "value_head")  # b = aux_values, a value
 
 def _check_base(name: str, value: Any) -> None:
     base = spec(value) if isinstance(value, str) else None
-    if base is None or base.kind != "pair" or value == "upo":
-        raise HyperParameterError(f"{name} must name a registered pairwise loss other than 'upo', got {value!r}")
+    if base is None or base.kind not in ("pair", "unpaired") or value == "upo":
+        raise HyperParameterError(
+            f"{name} must name a registered pairwise loss other than 'upo', got {value!r} (or an unpaired one)"
+        )
 
 
 def _base_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,6 +83,12 @@ def _base_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
 def _requires(hparams: Mapping[str, Any]) -> Requirements:
     base = get(hparams["base"], **_base_hparams(hparams)).requirements
+    if base.kind == "unpaired":  # per row: its auxiliary rewards, V(x) of its prompt unless the batch mean, |y|
+        inputs = [*base.inputs, "aux_rewards"]
+        inputs += [] if hparams["baseline"] == "batch_mean" else ["aux_values"]
+        inputs += ["lengths"] if hparams["aux_length_normalize"] else []
+        optional = tuple(n for n in base.optional_inputs if n not in inputs)
+        return Requirements(inputs=tuple(inputs), optional_inputs=optional, kind="unpaired")
     inputs = [*base.inputs, *_AUX]
     if hparams["baseline"] in _VALUE_BASELINES:
         inputs.append("aux_values")
@@ -132,10 +140,10 @@ def _check_aux_weights(name: str, value: Any) -> None:
     requires=_requires,
 )
 def upo_loss(
-    policy_chosen_logps: Tensor,  # [B]
-    policy_rejected_logps: Tensor,  # [B]
-    aux_rewards_chosen: Tensor,  # [B] or [B, K] auxiliary (designer) rewards of y_w, computed once over the data
-    aux_rewards_rejected: Tensor,  # [B] or [B, K] of y_l
+    policy_chosen_logps: Tensor | None = None,  # [B] (a pairwise base; required then, see _requires)
+    policy_rejected_logps: Tensor | None = None,  # [B]
+    aux_rewards_chosen: Tensor | None = None,  # [B] or [B, K] auxiliary (designer) rewards of y_w, computed once
+    aux_rewards_rejected: Tensor | None = None,  # [B] or [B, K] of y_l
     *,
     base: str = "dpo",
     beta: float = 0.1,
@@ -154,7 +162,8 @@ def upo_loss(
     ``w = stopgrad(min(exp((r_aux(y) − b)/τ), w_max))``, ``r_aux = Σ_k c_k r_k``.
 
     Unified Preference Optimization, Badrinath et al. (arXiv 2405.17956); derivation and status in the module
-    docstring. ``base`` is any registered pairwise loss (``dpo`` by default; ``beta`` is passed to it, other
+    docstring. ``base`` is any registered pairwise loss, or an unpaired one (``kto``, ``apo_zero_unpaired``: the
+    auxiliary term per row, see ``_upo_unpaired``) (``dpo`` by default; ``beta`` is passed to it, other
     hyper-parameters through ``base_kwargs``); the remaining ``inputs`` (reference log-probs, lengths, its extras)
     go to it too, so UPO over a reference-free base needs no reference.
 
@@ -177,6 +186,12 @@ def upo_loss(
     """
     aux_values = inputs.pop("aux_values", None)  # [B] V(x): prompt_expectile's value estimate, not the base's input
     hparams = {"base": base, "beta": beta, "base_kwargs": base_kwargs}
+    if spec(base).kind == "unpaired":
+        return _upo_unpaired(
+            hparams, inputs, aux_values, alpha=alpha, temperature=temperature, weight_clip=weight_clip,
+            baseline=baseline, aux_weights=aux_weights, aux_length_normalize=aux_length_normalize,
+            self_normalize=self_normalize,
+        )  # fmt: skip
     base_out = get(base, **_base_hparams(hparams))(
         policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps, **inputs
     )
@@ -219,6 +234,73 @@ def upo_loss(
     if aux_rewards_chosen.dim() == 2:
         components = torch.cat([aux_rewards_chosen, aux_rewards_rejected]).to(dtype).mean(dim=0)
         metrics.update({f"aux/{k}/mean": value for k, value in enumerate(components)})
+    metrics["aux/advantage_mean"] = advantages.mean()
+    metrics["aux/advantage_std"] = advantages.std(unbiased=False)
+    metrics["aux/weight_mean"] = weights.mean()
+    metrics["aux/weight_max"] = weights.max()
+    metrics["aux/weight_ess"] = weights.sum() ** 2 / (weights**2).sum()
+    metrics["aux/frac_clipped"] = clipped.to(dtype).mean()
+    return LossOutput(per_example.mean(), per_example, metrics)
+
+
+def _weights(advantages: Tensor, temperature: float, weight_clip: float, self_normalize: bool) -> tuple[Tensor, Tensor]:
+    """``(w, clipped)``: ``w = min(exp(A/τ), w_max)`` (divided by its mean when ``self_normalize``), no gradient."""
+    log_weights = advantages / temperature
+    clipped = log_weights > math.log(weight_clip)
+    weights = torch.exp(log_weights.clamp(max=math.log(weight_clip)))
+    return (weights / weights.mean() if self_normalize else weights), clipped
+
+
+def _upo_unpaired(
+    hparams: Mapping[str, Any],
+    inputs: dict[str, Tensor],
+    aux_values: Tensor | None,
+    *,
+    alpha: float,
+    temperature: float,
+    weight_clip: float,
+    baseline: str,
+    aux_weights: list[float] | None,
+    aux_length_normalize: bool,
+    self_normalize: bool,
+) -> LossOutput:
+    """UPO over an unpaired base (``kto``, ``apo_zero_unpaired``; the paper's v1 pairs its auxiliary term with DPO or
+    KTO): ``L = L_base + α · mean_i [−w_i S̄_θ(x_i, y_i)]`` over the N rows, ``w_i = min(exp((r_aux(y_i) − b_i)/τ),
+    w_max)``, detached. Inputs: the base's (``policy_logps [N]``, ``ref_logps``, ``labels``, KTO's KL pairs ...),
+    ``aux_rewards [N]`` or ``[N, K]``, ``lengths [N]`` (token-mean S̄) and ``aux_values [N]``, the value V(x) of
+    each row's prompt.
+
+    The rows of a pair are not together in an unpaired batch, so the baselines are per prompt: ``pair_mean`` is the
+    mean auxiliary reward of the prompt's training completions, ``pair_expectile``, ``prompt_expectile`` and
+    ``value_head`` its ``expectile`` τ_e (the trainer's provider fits them; on pairs split by ``data.unpair`` and a
+    prompt with one pair they equal the pairwise baselines: the τ_e-expectile of two values is τ_e·max + (1−τ_e)·min);
+    ``batch_mean`` is the mean over the call's rows."""
+    aux_rewards = inputs.pop("aux_rewards")
+    base_out = get(hparams["base"], **_base_hparams(hparams))(**inputs)
+    policy_logps, labels = inputs["policy_logps"], inputs["labels"].to(torch.bool)
+    dtype = policy_logps.dtype
+    rewards = _combined(aux_rewards.to(dtype), aux_weights, "aux_rewards")  # [N]
+    with torch.no_grad():
+        if baseline == "batch_mean":
+            centre = rewards.mean()
+        elif aux_values is None:
+            raise LossError(f"loss 'upo' with baseline={baseline!r} over an unpaired base needs input aux_values")
+        else:
+            centre = aux_values.to(dtype)
+        advantages = rewards - centre
+        weights, clipped = _weights(advantages, temperature, weight_clip, self_normalize)
+    logps = token_mean(policy_logps, inputs["lengths"]) if aux_length_normalize else policy_logps
+    aux_per_row = -(weights * logps)  # [N]
+    per_example = base_out.per_example + alpha * aux_per_row
+
+    metrics = dict(base_out.metrics)
+    metrics["loss/preference"] = base_out.loss.detach()
+    metrics["aux/weighted_nll"] = aux_per_row.detach().mean()
+    for side, rows in (("chosen", labels), ("rejected", ~labels)):  # desirable / undesirable rows, when present
+        if bool(rows.any()):
+            metrics[f"aux/reward_{side}_mean"] = rewards[rows].mean()
+    if aux_rewards.dim() == 2:
+        metrics.update({f"aux/{k}/mean": value for k, value in enumerate(aux_rewards.to(dtype).mean(dim=0))})
     metrics["aux/advantage_mean"] = advantages.mean()
     metrics["aux/advantage_std"] = advantages.std(unbiased=False)
     metrics["aux/weight_mean"] = weights.mean()

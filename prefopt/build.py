@@ -49,6 +49,7 @@ from prefopt.settings import (
 )
 from prefopt.sources import OfflineSource, OnlineSource, unique_prompts
 from prefopt.step import LAYOUTS, Step, evaluate_loss
+from prefopt.unpaired import UnpairedSource
 from prefopt.warm_start import warm_start
 
 __all__ = ["Settings", "Run", "read_settings", "build", "build_loss", "build_policy"]
@@ -179,6 +180,7 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         )  # fmt: skip
     set_seed(tcfg.seed)
     start = build_policy(settings, device)
+    _check_data_kind(loss_fn, layout, start.data)
     reference = _reference(settings, loss_fn, start, device, needs_model=online or tcfg.sample_eval)
     ctx = ProviderContext(
         loss=loss_fn,
@@ -202,7 +204,7 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
     source = (
         sampler
         if online
-        else OfflineSource(
+        else OFFLINE_SOURCES.get(layout.kind, OfflineSource)(
             start.data.train,
             batch_size=tcfg.batch_size,
             micro_batch_size=tcfg.micro_batch_size,
@@ -218,7 +220,9 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
     )
     policy, optimizer, scheduler = accelerator.prepare(start.model, optimizer, scheduler)
     step = Step(loss_fn, layout, providers, pad_id=start.tokenizer.pad_token_id, buckets=tcfg.buckets, device=device)
-    evaluation = Evaluation(accelerator, step, [] if online else start.data.eval, tcfg.micro_batch_size, sampler)
+    with_pairs = getattr(layout, "eval_items", None)  # unpaired rows: with their mismatched pairs
+    eval_items = [] if online else with_pairs(start.data.eval, tcfg.batch_size) if with_pairs else start.data.eval
+    evaluation = Evaluation(accelerator, step, eval_items, tcfg.micro_batch_size, sampler)
     names = [f.name for f in factories]
     log.info(
         "loss %s (%s): source=%s reference=%s providers=%s",
@@ -254,9 +258,32 @@ def _layout(loss_fn: losses.BoundLoss, settings: TrainerSettings):
         raise ConfigError(
             f"loss '{loss_fn.name}' is a {kind} loss (k sampled completions per prompt); train it with trainer=online"
         )
+    if kind == "unpaired" and online:
+        raise ConfigError(
+            f"loss '{loss_fn.name}' is an unpaired loss (single completions labelled desirable or undesirable); "
+            "train it offline (trainer=default) on unpaired data"
+        )
     if kind == "token":
         return LAYOUTS[kind](settings.online.scale_rewards, width=settings.online.max_new_tokens)
     return LAYOUTS[kind]()
+
+
+OFFLINE_SOURCES = {"unpaired": UnpairedSource}  # layout kind -> offline batch source (else OfflineSource)
+
+
+def _check_data_kind(loss_fn: losses.BoundLoss, layout, data: PreparedData) -> None:
+    """Pairs for a pairwise loss, unpaired rows for an unpaired one (online sources sample their own)."""
+    if layout.kind not in ("pair", "unpaired") or data.kind == layout.kind:
+        return
+    if layout.kind == "unpaired":
+        raise ConfigError(
+            f"loss '{loss_fn.name}' trains on unpaired rows (prompt, completion, label) but the data are pairs; "
+            "set data.unpair=true to split each pair into a desirable and an undesirable row"
+        )
+    raise ConfigError(
+        f"loss '{loss_fn.name}' trains on pairs but the data are unpaired rows (prompt, completion, label); "
+        "use an unpaired loss (kto, apo_zero_unpaired) or paired data"
+    )
 
 
 def _accelerator(tcfg: TrainerSettings, run_dir: Path) -> Accelerator:

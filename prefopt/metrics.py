@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins", "reward/mean", "kl")
 
 class Averager:
     """Mean of the loss and metrics over micro-batches, kept as tensors: one host transfer per step, not per metric.
-    Also counts the non-pad tokens forwarded (``tokens``)."""
+    Also counts the non-pad tokens forwarded (``tokens``). A metric a micro-batch does not report (an unpaired
+    loss's ``rewards/rejected`` on a micro-batch without undesirable rows) is the mean over those that do."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, int] = {}
         self.count = 0
         self.tokens = 0
 
@@ -41,27 +44,47 @@ class Averager:
         for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
             value = value.detach().double() * weight
             self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.weights[key] = self.weights.get(key, 0) + weight
 
     def mean(self) -> dict[str, float]:
         if not self.sums:
             return {}
         keys = list(self.sums)
-        values = (torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)).tolist()
+        weights = torch.tensor([max(self.weights[k], 1) for k in keys], dtype=torch.float64)
+        values = (torch.stack([self.sums[k] for k in keys]).cpu() / weights).tolist()
         return dict(zip(keys, values, strict=True))
 
 
 def reduce_mean(accelerator, metrics: dict[str, float], weight: float | None = None) -> dict[str, float]:
     """The mean of each metric over processes (one collective call); with ``weight`` (this process's count of
-    items) the mean weighted by it, i.e. the mean over every process's items."""
+    items) the mean weighted by it, i.e. the mean over every process's items. A metric only some processes report
+    is the mean over those (the processes agree on the keys first when they differ)."""
     if accelerator.num_processes == 1:
         return metrics
-    keys = sorted(metrics)
-    if weight is None:
+    keys = _all_keys(accelerator, metrics)
+    if weight is None and all(k in metrics for k in keys) and len(keys) == len(metrics):
         values = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), "mean")
         return dict(zip(keys, values.tolist(), strict=True))
-    local = torch.tensor([*(metrics.get(k, 0.0) * weight for k in keys), weight], device=accelerator.device)
-    totals = accelerator.reduce(local.double(), "sum").tolist()
-    return {k: v / totals[-1] for k, v in zip(keys, totals[:-1], strict=True)} if totals[-1] else {}
+    weight = 1.0 if weight is None else weight
+    present = [weight if k in metrics else 0.0 for k in keys]
+    local = torch.tensor([*(metrics.get(k, 0.0) * w for k, w in zip(keys, present, strict=True)), *present])
+    totals = accelerator.reduce(local.double().to(accelerator.device), "sum").tolist()
+    sums, weights = totals[: len(keys)], totals[len(keys) :]
+    return {k: v / w for k, v, w in zip(keys, sums, weights, strict=True) if w}
+
+
+def _all_keys(accelerator, metrics: dict[str, float]) -> list[str]:
+    """The sorted union of every process's metric names: one small collective (a checksum of the names) when every
+    process has the same names, the names themselves gathered only when they differ."""
+    keys = sorted(metrics)
+    signature = float(zlib.crc32("\n".join(keys).encode()))
+    spread = torch.tensor([signature, -signature], dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+    if spread[0].item() == -spread[1].item():  # max == min: the same names everywhere
+        return keys
+    gathered: list[list[str] | None] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, keys)
+    return sorted({k for names in gathered for k in names or ()})
 
 
 def peak_memory_mib(device: torch.device) -> float:

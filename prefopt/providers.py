@@ -227,7 +227,7 @@ class ReferenceInputs(Provider):
 
 
 def _reference_names(kind: str) -> tuple[str, ...]:
-    names = {"group": ("ref_logps",), "token": ("ref_token_logps",)}
+    names = {"group": ("ref_logps",), "token": ("ref_token_logps",), "unpaired": ("ref_logps",)}
     return names.get(kind, ("ref_chosen_logps", "ref_rejected_logps"))
 
 
@@ -490,10 +490,16 @@ class AuxRewards(Provider):
         if not reward_names:
             raise ConfigError("the loss needs auxiliary rewards: set aux_rewards to a list of reward names")
         self.reward_names, self.value = list(reward_names), value
+        self.unpaired = data is not None and data.kind == "unpaired"
         self.table: dict[bytes, list[float]] = {}
         self.values: dict[bytes, float] = {}
         self.fit_report: dict[str, float] = {}
-        if data is not None:
+        if data is not None and data.kind == "unpaired":  # one row per completion
+            rows = [
+                (e["prompt_ids"], e["completion_ids"], e["prompt"], e["completion"]) for e in [*data.train, *data.eval]
+            ]
+            self._score(rows, fitted_on=len(data.train))
+        elif data is not None:
             rows = [
                 (e["prompt_ids"], e[f"{side}_ids"], e["prompt"], e[side])
                 for split in (data.train, data.eval)
@@ -517,6 +523,10 @@ class AuxRewards(Provider):
             keys = [sequence_key(row[0], []) for row in rows]
             if self.value.features is None:
                 self._fit_table(keys[:fitted_on], combined[:fitted_on])
+                if self.unpaired:  # an eval prompt without training rows: the expectile of its eval rows
+                    held_out = self.values
+                    self._fit_table(keys[fitted_on:], combined[fitted_on:])
+                    self.values = {**self.values, **held_out}
             else:
                 self._fit_head(keys, combined, fitted_on)
 
@@ -575,6 +585,12 @@ class AuxRewards(Provider):
     def inputs(self, micro: MicroBatch, own: Own) -> dict[str, Tensor]:
         values = [self.table[sequence_key(r["prompt_ids"], r["completion_ids"])] for r in micro.rows]
         values = torch.tensor(values, dtype=torch.float32, device=micro.device)
+        if micro.layout.kind == "unpaired":  # per row: [N, K] rewards and V(x) of its prompt
+            out = {"aux_rewards": values}
+            if self.value is not None:
+                fitted = [self.values[sequence_key(item["prompt_ids"], [])] for item in micro.items]
+                out["aux_values"] = torch.tensor(fitted, dtype=torch.float32, device=micro.device)
+            return out
         out = micro.layout.named(values, self.names[:2], len(micro.items))
         if self.value is not None:  # a prompt with no training completions (eval): the expectile of its pair
             n = len(micro.items)
@@ -596,7 +612,9 @@ def _prompt_value(ctx: ProviderContext) -> PromptValue | None:
     if "aux_values" not in ctx.loss.requirements.inputs:
         return None
     hparams = ctx.loss.hparams
-    value = PromptValue(hparams["aux_weights"], float(hparams["expectile"]), seed=ctx.seed)
+    # an unpaired base asks for V(x) with the pair baselines too: pair_mean is the prompt's mean (τ_e = 0.5)
+    tau = 0.5 if hparams.get("baseline") == "pair_mean" else float(hparams["expectile"])
+    value = PromptValue(hparams["aux_weights"], tau, seed=ctx.seed)
     if hparams.get("baseline") == "value_head":
         from prefopt.value import prompt_features
 
@@ -609,7 +627,11 @@ def _prompt_value(ctx: ProviderContext) -> PromptValue | None:
     return value
 
 
-@register_provider("aux_rewards", AuxRewards.names)
+def _aux_reward_names(kind: str) -> tuple[str, ...]:
+    return ("aux_rewards", "aux_values") if kind == "unpaired" else AuxRewards.names
+
+
+@register_provider("aux_rewards", _aux_reward_names)
 def _aux_rewards(ctx: ProviderContext) -> Provider:
     value = _prompt_value(ctx)
     provider = AuxRewards(ctx.settings.aux_rewards, data=None if ctx.online else ctx.data, value=value)

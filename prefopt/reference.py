@@ -117,29 +117,32 @@ class Reference:
         keep_model: bool = False,
         adapters: str = "none",
     ) -> Reference:
-        """Reference log-probs of both completions of every pair of each ``(examples, cache_file)`` split, computed
-        once with ``policy`` (the initial policy = the reference) or loaded from the cache file. ``keep_model`` keeps
-        a model too, for sequences no table holds (samples drawn during training). A fresh LoRA policy computes the
-        table as it starts (its adapters are the identity)."""
+        """Reference log-probs of both completions of every pair (or the completion of every unpaired row) of each
+        ``(examples, cache_file)`` split, computed once with ``policy`` (the initial policy = the reference) or loaded
+        from the cache file. ``keep_model`` keeps a model too, for sequences no table holds (samples drawn during
+        training). A fresh LoRA policy computes the table as it starts (its adapters are the identity)."""
         table: dict[bytes, float] = {}
         for examples, path in splits:
-            sides = ("chosen_ids", "rejected_ids")
-            rows = [{"prompt_ids": e["prompt_ids"], "completion_ids": e[key]} for key in sides for e in examples]
+            # pairs: both completions (stored as "chosen", "rejected"); unpaired rows: the completion ("completion")
+            sides = ("completion",) if examples and "completion_ids" in examples[0] else ("chosen", "rejected")
+            rows = [
+                {"prompt_ids": e["prompt_ids"], "completion_ids": e[f"{side}_ids"]} for side in sides for e in examples
+            ]
 
             n = len(examples)
 
-            def compute(rows=rows, n=n) -> dict[str, Tensor]:
+            def compute(rows=rows, n=n, sides=sides) -> dict[str, Tensor]:
                 values = logps_of(policy, rows, pad_id, batch_size, device)
-                return {"chosen": values[:n], "rejected": values[n:]}
+                return {side: values[i * n : (i + 1) * n] for i, side in enumerate(sides)}
 
-            def load(file: Path, n=n) -> dict[str, Tensor]:
+            def load(file: Path, n=n, sides=sides) -> dict[str, Tensor]:
                 stored = load_tensors(file)
-                if stored["chosen"].numel() != n or stored["rejected"].numel() != n:
-                    raise ValueError(f"it holds {stored['chosen'].numel()} rows, the data has {n}")
+                if any(side not in stored or stored[side].numel() != n for side in sides):
+                    raise ValueError(f"it does not hold {'/'.join(sides)} values of the data's {n} rows")
                 return stored
 
             stored = cached(path, compute, save=save_tensors, load=load, what="reference log-probs")
-            values = stored["chosen"].tolist() + stored["rejected"].tolist()
+            values = [value for side in sides for value in stored[side].tolist()]
             for row, value in zip(rows, values, strict=True):
                 table[sequence_key(row["prompt_ids"], row["completion_ids"])] = value
         model, off = cls._model(policy, adapters) if keep_model else (None, False)

@@ -295,6 +295,7 @@ class DataSettings(_FromMapping):
     max_length: int = 512
     max_prompt_length: int = 256
     on_bad_row: str = "error"  # error | skip
+    unpair: bool = False  # split each pair into a desirable and an undesirable row (unpaired losses: kto, ...)
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
     # synthetic / sampled
@@ -323,6 +324,7 @@ class DataSettings(_FromMapping):
     def key(self) -> dict[str, Any]:
         """What decides the data of this source (the fields it reads): part of the data cache key."""
         common = ("source", "seed", "max_length", "max_prompt_length", "on_bad_row", "max_train_rows", "max_eval_rows")
+        common += ("unpair",) if self.unpair else ()  # pairs keep their cache key
         per_source = {
             "synthetic": ("n_train", "n_eval"),
             "local": ("path", "eval_path", "eval_fraction"),

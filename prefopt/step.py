@@ -2,7 +2,8 @@
 
 The layout is decided by the loss's kind: :class:`PairLayout` forwards chosen then rejected completions and names
 their values ``policy_chosen_logps`` ...; :class:`GroupLayout` forwards K completions per prompt and names them
-``policy_logps`` ``[G, K]`` .... Everything else the loss takes comes from the run's providers
+``policy_logps`` ``[G, K]`` ...; :class:`~prefopt.unpaired.UnpairedLayout` forwards single completions labelled
+desirable or not (``policy_logps [N]``, ``labels [N]``). Everything else the loss takes comes from the run's providers
 (:mod:`prefopt.providers`). Nothing here knows a loss or an input by any other name.
 
 :func:`forward_backward` runs the micro-batches of one optimizer step; :class:`NonFiniteGuard` counts skipped steps.
@@ -25,6 +26,7 @@ from prefopt.batching import collate
 from prefopt.logps import sequence_logps, sequence_statistics, token_logps
 from prefopt.metrics import Averager
 from prefopt.providers import MicroBatch, Own, Provider
+from prefopt.unpaired import UnpairedLayout  # also registers the 'kl_pairs' provider
 
 __all__ = [
     "PairLayout",
@@ -160,7 +162,7 @@ def right_aligned(vectors: Sequence[Sequence[float]], mask: Tensor) -> Tensor:
     return out
 
 
-LAYOUTS = {"pair": PairLayout, "group": GroupLayout, "token": TokenLayout}
+LAYOUTS = {"pair": PairLayout, "group": GroupLayout, "token": TokenLayout, "unpaired": UnpairedLayout}
 
 
 @dataclass
@@ -186,6 +188,14 @@ class Step:
         self.pad_id, self.buckets, self.device = pad_id, buckets, device
         req = loss_fn.requirements
         self.accepted = set(req.inputs) | set(req.optional_inputs)
+
+    def prepare(self, policy, micro_batches: Sequence[Sequence[dict]], step: int) -> None:
+        """Before a step's (or an evaluation's) micro-batches: providers with inputs that are statistics of all of
+        them, on every process (``prepare(policy, micro_batches, step)``, e.g. KTO's mismatched pairs), compute
+        them."""
+        for provider in self.providers:
+            if hasattr(provider, "prepare"):
+                provider.prepare(policy, micro_batches, step)
 
     def __call__(self, policy, items: list[dict], step: int, index: int, shared: dict | None = None) -> StepOutput:
         """``shared``: loss inputs of the whole step (e.g. ``batch_tokens``), the same for every micro-batch."""
@@ -269,6 +279,7 @@ def forward_backward(
     collective calls, and the problem is returned for the step to be skipped. So does an empty micro-batch (online:
     every sampled reward tied)."""
     averager, problem = Averager(), None
+    step_fn.prepare(policy, micro_batches, step)
     for index, items in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(policy):
@@ -300,6 +311,7 @@ def evaluate_loss(
     policy.eval()
     averager = Averager()
     shard = items[rank::world]
+    step_fn.prepare(policy, [shard], step)
     forwards = math.ceil(math.ceil(len(items) / world) / micro_batch_size)
     for index in range(forwards):
         start = index * micro_batch_size

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import DataError, first_line
 from .formats import to_standard
+from .unpaired import is_unpaired, to_unpaired
 
 __all__ = ["load_rows", "load_pairs", "load_hub_pairs", "MAX_SKIP_REASONS"]
 
@@ -82,7 +83,8 @@ def _no_download_counts():
 def load_pairs(
     path: str | Path, *, tokenizer: Any = None, on_bad_row: str = "error", source_name: str | None = None
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """Read a local file and convert each row with :func:`~prefopt.data.formats.to_standard`.
+    """Read a local file and convert each row with :func:`~prefopt.data.formats.to_standard` (pairs) or
+    :func:`~prefopt.data.unpaired.to_unpaired` (an unpaired file: ``prompt``, ``completion``, ``label``).
 
     Returns ``(pairs, stats)``; ``stats`` is ``{"rows", "kept", "skipped", "skip_reasons"}``, ``skip_reasons``
     mapping each of the first 20 distinct problems (the message without its ``"{source} row {i}: "`` location) to
@@ -136,13 +138,15 @@ def _check_on_bad_row(on_bad_row: str) -> None:
 def _convert_rows(
     rows: list[Any], *, source: str, tokenizer: Any, on_bad_row: str
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """Convert every row; with ``on_bad_row="skip"`` count bad rows by reason instead of raising."""
+    """Convert every row (as unpaired rows when the source is unpaired, :func:`~prefopt.data.unpaired.is_unpaired`);
+    with ``on_bad_row="skip"`` count bad rows by reason instead of raising."""
+    convert = to_unpaired if is_unpaired(rows) else to_standard
     pairs: list[dict[str, str]] = []
     reasons: Counter[str] = Counter()
     first_skip: DataError | None = None
     for index, row in enumerate(rows):
         try:
-            pairs.append(to_standard(row, source=source, index=index, tokenizer=tokenizer))
+            pairs.append(convert(row, source=source, index=index, tokenizer=tokenizer))
         except DataError as err:
             if on_bad_row == "error":
                 raise

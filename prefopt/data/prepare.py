@@ -25,6 +25,7 @@ from prefopt.config import ConfigError
 from prefopt.data import synthetic
 from prefopt.data.loading import load_hub_pairs, load_pairs
 from prefopt.data.tokenize import tokenize_pairs
+from prefopt.data.unpaired import check_labels, example_kind, tokenize_unpaired, unpair
 from prefopt.settings import DataSettings
 
 __all__ = ["PreparedData", "prepare_data", "load_standard_rows", "data_cache_key", "tokenizer_fingerprint"]
@@ -34,10 +35,24 @@ log = logging.getLogger("prefopt.data")
 
 @dataclass
 class PreparedData:
-    train: list[dict]  # tokenized: prompt_ids, chosen_ids, rejected_ids (+ prompt/chosen/rejected strings)
+    # tokenized pairs: prompt_ids, chosen_ids, rejected_ids (+ prompt/chosen/rejected strings), or unpaired rows:
+    # prompt_ids, completion_ids, label (+ prompt/completion strings)
+    train: list[dict]
     eval: list[dict]
     fingerprint: str  # hash of the tokenized ids: keys the reference and regularisation caches
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``"pair"`` or ``"unpaired"`` (single completions labelled desirable or not)."""
+        return example_kind(self.train[0]) if self.train else "pair"
+
+
+def _ids(example: dict) -> list[Any]:
+    """What identifies a tokenized example: its token ids (and an unpaired row's label)."""
+    if example_kind(example) == "unpaired":
+        return [example["prompt_ids"], example["completion_ids"], bool(example["label"])]
+    return [example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]]
 
 
 def _split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -99,16 +114,32 @@ def _prepare(cfg: DataSettings, tokenizer) -> PreparedData:
     train_rows, eval_rows, load_stats = load_standard_rows(cfg, tokenizer)
     train_rows, eval_rows = _limit(train_rows, cfg.max_train_rows), _limit(eval_rows, cfg.max_eval_rows)
     lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
-    train, train_stats = tokenize_pairs(train_rows, tokenizer, **lengths)
-    evaluation, eval_stats = tokenize_pairs(eval_rows, tokenizer, **lengths)
+    train, train_stats = _tokenize(train_rows, tokenizer, cfg.unpair, lengths)
+    evaluation, eval_stats = _tokenize(eval_rows, tokenizer, cfg.unpair, lengths)
     if not train:
         raise ConfigError("no training pairs left after tokenization (check data.max_length / max_prompt_length)")
+    kinds = {example_kind(e) for e in train + evaluation}
+    if len(kinds) > 1:
+        raise ConfigError(
+            "data: the train and eval data mix pairs and unpaired rows; set data.unpair=true to split the pairs"
+        )
+    if kinds == {"unpaired"}:
+        check_labels(train, "data (train)")
     hasher = hashlib.sha256()
     for example in train + evaluation:
-        hasher.update(json.dumps([example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]]).encode())
+        hasher.update(json.dumps(_ids(example)).encode())
     stats = {"load": load_stats, "tokenize_train": train_stats, "tokenize_eval": eval_stats}
-    log.info("data: %d train pairs, %d eval pairs", len(train), len(evaluation))
+    what = "unpaired rows" if kinds == {"unpaired"} else "pairs"
+    log.info("data: %d train %s, %d eval %s", len(train), what, len(evaluation), what)
     return PreparedData(train, evaluation, hasher.hexdigest()[:16], stats)
+
+
+def _tokenize(rows: list[dict], tokenizer, unpaired: bool, lengths: dict[str, int]) -> tuple[list[dict], dict]:
+    """Tokenized pairs, or unpaired rows (rows that are unpaired already, or pairs split by ``data.unpair``)."""
+    if rows and "completion" in rows[0]:
+        return tokenize_unpaired(rows, tokenizer, **lengths)
+    pairs, stats = tokenize_pairs(rows, tokenizer, **lengths)
+    return (unpair(pairs), {**stats, "unpaired_rows": 2 * len(pairs)}) if unpaired else (pairs, stats)
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
@@ -188,7 +219,7 @@ def _read_cache(path: Path, key: str) -> PreparedData:
     payload = json.loads(body)
     train, evaluation = payload["train"], payload["eval"]
     for example in train + evaluation:
-        if not all(isinstance(example[k], list) for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
+        if not all(isinstance(ids, list) for ids in _ids(example)[:-1]):
             raise ValueError("an example has no token ids")
     prepared = PreparedData(train, evaluation, str(payload["fingerprint"]), payload["stats"])
     log.info("data: %d train pairs, %d eval pairs (cached: %s)", len(train), len(evaluation), path)

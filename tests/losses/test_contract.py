@@ -187,12 +187,13 @@ def test_unpaired_gradients_flow(name, dtype):
 def test_unpaired_trl_metrics(name):
     """TRL's metric names from ``KTOTrainer._compute_loss``: ``kl`` (≥ 0; TRL's constant 0 for a loss without a KL
     term), ``rewards/{chosen,rejected}`` and ``logps/{chosen,rejected}`` per side present in the batch,
-    ``rewards/margins`` only when both are."""
+    ``rewards/margins`` only when both are; and prefopt's ``rewards/accuracies`` (the fraction of rows on their
+    label's side of the reference point), always."""
     loss = _loss(name)
     inputs = make_inputs(loss)
     metrics = loss(**inputs).metrics
     per_side = {"rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected"}
-    assert set(metrics) == {"kl", "rewards/margins"} | per_side
+    assert set(metrics) == {"kl", "rewards/margins", "rewards/accuracies"} | per_side
     assert metrics["kl"].item() >= 0.0
     if "policy_kl_logps" not in loss.requirements.inputs:
         assert metrics["kl"].item() == 0.0
@@ -200,7 +201,7 @@ def test_unpaired_trl_metrics(name):
     for side, rows in (("chosen", inputs["labels"]), ("rejected", ~inputs["labels"])):
         assert metrics[f"logps/{side}"].item() == pytest.approx(inputs["policy_logps"][rows].mean().item(), abs=1e-12)
         one_side = {k: (v[rows] if k in ("policy_logps", "ref_logps", "labels") else v) for k, v in inputs.items()}
-        assert set(loss(**one_side).metrics) == {"kl", f"rewards/{side}", f"logps/{side}"}
+        assert set(loss(**one_side).metrics) == {"kl", f"rewards/{side}", f"logps/{side}", "rewards/accuracies"}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -187,7 +187,7 @@ def test_equal_trl(name, hparams, case, reference):
     assert (policy.grad - trl_policy.grad).abs().max().item() <= 1e-6
     assert torch.allclose(policy.grad, trl_policy.grad, rtol=1e-13, atol=1e-16)
     shared = {k: v for k, v in trl_metrics.items() if k not in MODEL_METRICS}
-    assert set(out.metrics) == set(shared)
+    assert set(out.metrics) == set(shared) | {"rewards/accuracies"}  # prefopt's own metric, not TRL's
     for key, value in shared.items():
         assert out.metrics[key].item() == pytest.approx(value, rel=1e-12, abs=1e-14), key
     if case == "negative_kl" or name == "apo_zero_unpaired":
@@ -270,6 +270,7 @@ def test_golden_kto():
         "rewards/margins": 1.5 * LN3,
         "logps/chosen": -9 + LN3,
         "logps/rejected": -9 - 2 * LN3,
+        "rewards/accuracies": 2 / 3,  # ρ − z₀ = 2 ln 3 > 0 ✓, 0 (a tie) ✗, −2 ln 3 < 0 ✓
     }
     assert {k: v.item() for k, v in out.metrics.items()} == pytest.approx(expected, abs=1e-14)
     out.loss.backward()
@@ -348,7 +349,7 @@ def test_one_sided_batch_is_the_mean_over_its_rows(name, side):
     assert torch.equal(out.per_example, full.per_example[rows])
     assert out.loss.item() == pytest.approx(full.per_example[rows].mean().item(), abs=1e-15)
     present = "chosen" if side else "rejected"
-    assert set(out.metrics) == {"kl", f"rewards/{present}", f"logps/{present}"}
+    assert set(out.metrics) == {"kl", f"rewards/{present}", f"logps/{present}", "rewards/accuracies"}
 
 
 # ------------------------------------------------------------------------------------------------------- gradients

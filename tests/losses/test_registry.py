@@ -112,7 +112,7 @@ def test_unknown_hyperparameter_lists_valid_ones():
         ("apo_zero_unpaired", {"beta": -0.1}, "apo_zero_unpaired.beta must be a finite number > 0"),
         ("apo_zero_unpaired", {"undesirable_weight": -0.5}, "undesirable_weight must be a finite number >= 0"),
         ("combo", {"parts": {"kto": 1.0}}, "only pairwise losses combine, 'kto' is unpaired"),
-        ("upo", {"base": "apo_zero_unpaired"}, "pairwise loss other than 'upo', got 'apo_zero_unpaired'"),
+        ("upo", {"base": "grpo"}, r"got 'grpo' \(or an unpaired one\)"),  # kto / apo_zero_unpaired are bases
     ],
 )
 def test_invalid_hyperparameters_rejected(name, hparams, message):
