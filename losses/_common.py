@@ -61,11 +61,16 @@ class LossOutput:
     per_example: [B] per pair (or per prompt for group losses). Batch-level terms (a regularisation NLL on a
                  separate batch, TRL's token-mean SFT term) are spread evenly over the rows so the mean is exact.
     metrics:     name -> detached scalar tensor, TRL names (``rewards/chosen`` ...) plus the method's own.
+    sums:        name -> detached partial sums over this call's rows of a statistic the loss normalises by (a loss
+                 that whitens its advantages over the batch). A loss registered with ``step_sums`` takes each back
+                 as the optional input of the same name, totalled by a trainer over every call of the step (all
+                 micro-batches and processes), so its update does not depend on how the step was split.
     """
 
     loss: Tensor
     per_example: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    sums: dict[str, Tensor] = field(default_factory=dict)
 
 
 def token_mean(summed_logps: Tensor, lengths: Tensor) -> Tensor:

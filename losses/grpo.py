@@ -16,7 +16,9 @@ Notation: ``m_t`` the mask, ``|o_i| = Σ_t m_it``, ``r_it = exp(log π_θ − lo
 (GSPO: ``s_i = exp(Σ_t m_it (log π_θ − log π_old)_it / |o_i|)``, one ratio per sequence), ``A`` the advantage,
 ``ε_low = epsilon``, ``ε_high = epsilon_high`` (``None`` → ``epsilon``), and the per-token KL estimate (Schulman's
 k3, as TRL) ``KL̂_it = e^{d} − d − 1`` with ``d = log π_ref − log π_θ`` (≥ 0, with gradient through π_θ), times the
-importance ratio when ``use_bias_correction_kl`` (TRL's default since the DeepSeek-V3.2 correction).
+importance ratio when ``use_bias_correction_kl`` (TRL's default since the DeepSeek-V3.2 correction);
+``kl_estimator="k2"`` uses ``d²/2`` and ``"k1"`` uses ``−d`` instead (the trainer can also put a sequence KL in the
+reward: ``trainer.online.kl_reward_coef``).
 
 Each loss = per-token surrogate ``ℓ_it`` (+ ``β·KL̂_it``), aggregated by the variant's normaliser. The surrogates:
 
@@ -177,6 +179,16 @@ def _soft_gate(temperature_pos: float, temperature_neg: float) -> Surrogate:
     return surrogate
 
 
+def _kl_estimate(d: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(π_θ‖π_ref) from ``d = log π_ref − log π_θ`` at tokens sampled from π_θ (Schulman
+    2020): ``k3 = e^d − d − 1`` (≥ 0, low variance: TRL's), ``k2 = d²/2``, ``k1 = −d`` (unbiased, signed)."""
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return d.square() / 2
+    return torch.expm1(d) - d
+
+
 def _per_sequence_mean(summed: Tensor, mask: Tensor) -> Tensor:
     """``Σ_t m ℓ / |o_i|``: every completion weighs the same (GRPO's 1/|o_i|; length-biased, Dr. GRPO §3.1)."""
     return summed / mask.sum(-1).clamp(min=1.0)
@@ -258,6 +270,7 @@ def _policy_loss(
     normalise: Normaliser,
     beta: float,
     use_bias_correction_kl: bool,
+    kl_estimator: str = "k3",
 ) -> LossOutput:
     """The shared body: ratio (per token or per sequence), surrogate, + β·KL̂ per token, normaliser, TRL metrics."""
     _check_inputs(name, policy, mask, advantages, old, ref)
@@ -281,7 +294,7 @@ def _policy_loss(
     metrics: dict[str, Tensor] = {}
     if beta != 0:
         d = torch.where(valid, ref.detach().to(dtype) - policy, zero)
-        kl = torch.expm1(d) - d  # k3: e^d − d − 1 ≥ 0
+        kl = _kl_estimate(d, kl_estimator)
         if use_bias_correction_kl:
             kl = kl * ratio
         per_token = per_token + beta * kl
@@ -308,7 +321,11 @@ def _positive_int_or_none(name: str, value: Any) -> None:
         raise HyperParameterError(f"{name} must be a positive integer or None, got {value!r}")
 
 
-_KL_CHECKS = {"beta": non_negative, "use_bias_correction_kl": one_of(True, False)}
+_KL_CHECKS = {
+    "beta": non_negative,
+    "use_bias_correction_kl": one_of(True, False),
+    "kl_estimator": one_of("k1", "k2", "k3"),
+}
 _CLIP_CHECKS = {
     **_KL_CHECKS,
     "epsilon": non_negative,
@@ -353,6 +370,7 @@ def grpo_loss(
     epsilon_high: float | None = None,
     delta: float | None = None,
     use_bias_correction_kl: bool = True,
+    kl_estimator: str = "k3",
 ) -> LossOutput:
     """GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300), TRL ``loss_type="grpo"``:
 
@@ -368,6 +386,7 @@ def grpo_loss(
         "grpo", policy_token_logps, completion_mask, advantages, old_token_logps, ref_token_logps,
         sequence_ratio=False, surrogate=_clipped(epsilon, epsilon_high, delta), normalise=_per_sequence_mean,
         beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        kl_estimator=kl_estimator,
     )  # fmt: skip
 
 
@@ -393,6 +412,7 @@ def bnpo_loss(
     epsilon_high: float | None = None,
     delta: float | None = None,
     use_bias_correction_kl: bool = True,
+    kl_estimator: str = "k3",
 ) -> LossOutput:
     """BNPO, TRL ``loss_type="bnpo"`` (TRL's docs cite no paper for it; not to be confused with "Beta Normalization
     Policy Optimization", arXiv 2506.02864, which normalises rewards):
@@ -407,6 +427,7 @@ def bnpo_loss(
         sequence_ratio=False, surrogate=_clipped(epsilon, epsilon_high, delta),
         normalise=_batch_token_mean(batch_tokens),
         beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        kl_estimator=kl_estimator,
     )  # fmt: skip
 
 
@@ -432,6 +453,7 @@ def dr_grpo_loss(
     delta: float | None = None,
     max_completion_length: int | None = None,
     use_bias_correction_kl: bool = True,
+    kl_estimator: str = "k3",
 ) -> LossOutput:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783), TRL
     ``loss_type="dr_grpo"``:
@@ -447,6 +469,7 @@ def dr_grpo_loss(
         "dr_grpo", policy_token_logps, completion_mask, advantages, old_token_logps, ref_token_logps,
         sequence_ratio=False, surrogate=_clipped(epsilon, epsilon_high, delta),
         normalise=_constant(max_completion_length), beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        kl_estimator=kl_estimator,
     )  # fmt: skip
 
 
@@ -472,6 +495,7 @@ def dapo_loss(
     epsilon_high: float | None = None,
     delta: float | None = None,
     use_bias_correction_kl: bool = True,
+    kl_estimator: str = "k3",
 ) -> LossOutput:
     """DAPO (Yu et al. 2025, arXiv 2503.14476), TRL ``loss_type="dapo"`` (TRL's default loss):
 
@@ -489,6 +513,7 @@ def dapo_loss(
         sequence_ratio=False, surrogate=_clipped(epsilon, epsilon_high, delta),
         normalise=_batch_token_mean(batch_tokens),
         beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        kl_estimator=kl_estimator,
     )  # fmt: skip
 
 
@@ -512,6 +537,7 @@ def cispo_loss(
     beta: float = 0.0,
     epsilon_high: float = 5.0,
     use_bias_correction_kl: bool = True,
+    kl_estimator: str = "k3",
 ) -> LossOutput:
     """CISPO (MiniMax-M1, arXiv 2506.13585), TRL ``loss_type="cispo"``:
 
@@ -527,6 +553,7 @@ def cispo_loss(
         "cispo", policy_token_logps, completion_mask, advantages, old_token_logps, ref_token_logps,
         sequence_ratio=False, surrogate=_cispo(epsilon_high), normalise=_batch_token_mean(batch_tokens),
         beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        kl_estimator=kl_estimator,
     )  # fmt: skip
 
 
@@ -550,6 +577,7 @@ def sapo_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     use_bias_correction_kl: bool = True,
+    kl_estimator: str = "k3",
 ) -> LossOutput:
     """SAPO (Soft Adaptive Policy Optimization, Qwen team 2025, arXiv 2511.20347), TRL ``loss_type="sapo"``:
 
@@ -564,6 +592,7 @@ def sapo_loss(
         "sapo", policy_token_logps, completion_mask, advantages, old_token_logps, ref_token_logps,
         sequence_ratio=False, surrogate=_soft_gate(sapo_temperature_pos, sapo_temperature_neg),
         normalise=_per_sequence_mean, beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        kl_estimator=kl_estimator,
     )  # fmt: skip
 
 
@@ -588,6 +617,7 @@ def gspo_loss(
     epsilon_high: float | None = None,
     delta: float | None = None,
     use_bias_correction_kl: bool = True,
+    kl_estimator: str = "k3",
 ) -> LossOutput:
     """GSPO (Group Sequence Policy Optimization, Zheng et al. 2025, arXiv 2507.18071), TRL
     ``importance_sampling_level="sequence"`` with ``loss_type="grpo"`` (the setting TRL's docs give for GSPO):
@@ -605,4 +635,5 @@ def gspo_loss(
         "gspo", policy_token_logps, completion_mask, advantages, old_token_logps, ref_token_logps,
         sequence_ratio=True, surrogate=_clipped(epsilon, epsilon_high, delta), normalise=_per_sequence_mean,
         beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        kl_estimator=kl_estimator,
     )  # fmt: skip

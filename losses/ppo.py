@@ -34,6 +34,11 @@ with ``r = π_θ/π_old`` per token and ``V_clip = V_old + clip(V − V_old, −
 Defaults are TRL 1.16 PPOConfig's (β = kl_coef 0.05, k1, γ = 1, λ = 0.95, ε = 0.2, cliprange_value 0.2,
 vf_coef 0.1). Log-probs are per token; nothing is summed before the ratio.
 
+A trainer that splits a step's batch into several calls passes ``advantage_sums`` (the step's ``(Σ m·A, Σ m·A²,
+Σ m)`` of the raw advantages, totalled from each call's ``LossOutput.sums``) and ``batch_tokens`` (the step's
+completion tokens per call): the whitening moments and the token-mean normaliser are then the whole batch's, so the
+update does not depend on the split.
+
 Metrics (TRL's names where it has them): ``kl`` (masked mean of KL̂), ``policy/clipfrac``, ``policy/approxkl``
 (½·mean of (log r)²), ``value/loss``, ``value/clipfrac``, ``ppo/return_mean``, ``ppo/advantage_mean`` (before
 whitening), ``ppo/reward_mean`` (mean per-completion sum of ρ).
@@ -53,7 +58,7 @@ from torch import Tensor
 from losses._common import LossError, LossOutput, MissingInputError
 from losses.registry import non_negative, one_of, optional, positive, register, required_if
 
-__all__ = ["ppo_loss", "gae", "masked_whiten"]
+__all__ = ["ppo_loss", "gae", "masked_whiten", "moment_sums"]
 
 
 def _kl(d: Tensor, estimator: str) -> Tensor:
@@ -69,16 +74,29 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8, sums: Tensor | None = None) -> Tensor:
     """TRL's ``masked_whiten``: ``(x − mean)/sqrt(var + eps)`` with the masked mean and the Bessel-corrected masked
-    variance (``n/(n − 1)``, unchanged when n ≤ 1); 0 on masked positions."""
+    variance (``n/(n − 1)``, unchanged when n ≤ 1); 0 on masked positions. ``sums``: ``(Σ m·x, Σ m·x², Σ m)`` of a
+    larger batch this one is part of, whose moments are then used."""
     mask = mask.to(values.dtype)
-    count = mask.sum()
-    mean = _masked_mean(values, mask)
-    var = _masked_mean((values - mean).square(), mask)
+    if sums is None:
+        count = mask.sum()
+        mean = _masked_mean(values, mask)
+        var = _masked_mean((values - mean).square(), mask)
+    else:
+        total, squares, count = sums.to(values.dtype).unbind()
+        count = count.clamp(min=1.0)
+        mean = total / count
+        var = (squares / count - mean.square()).clamp(min=0.0)
     if count > 1:
         var = var * count / (count - 1)
     return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def moment_sums(values: Tensor, mask: Tensor) -> Tensor:
+    """``(Σ m·x, Σ m·x², Σ m)``, detached, float64: what whitening over several calls totals."""
+    mask, values = mask.detach().double(), values.detach().double()
+    return torch.stack([(values * mask).sum(), (values.square() * mask).sum(), mask.sum()])
 
 
 @torch.no_grad()
@@ -137,6 +155,7 @@ def _sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
         "kl_horizon": positive,
     },
     requires=required_if(lambda hparams: hparams["beta"] > 0, ("ref_token_logps",)),
+    step_sums=("advantage_sums",),
 )
 def ppo_loss(
     policy_token_logps: Tensor,  # [N, T] log π_θ per token, with grad
@@ -148,6 +167,8 @@ def ppo_loss(
     rewards: Tensor | None = None,  # [N] or [G, K] one reward per completion, on its last token
     token_rewards: Tensor | None = None,  # [N, T] rewards per token, placed on the completion's tokens
     kl_coef: Tensor | None = None,  # [] the KL coefficient of this step (an adaptive controller's), instead of beta
+    advantage_sums: Tensor | None = None,  # [3] the step's (Σ m·A, Σ m·A², Σ m) of the raw advantages (trainer)
+    batch_tokens: Tensor | None = None,  # [] the step's completion tokens per call (trainer)
     *,
     beta: float = 0.05,
     kl_estimator: str = "k1",
@@ -201,7 +222,7 @@ def ppo_loss(
         else:
             per_token = per_token + _sequence_rewards(rewards, mask)
         raw, returns = gae(per_token, old_v, mask, gamma=gamma, lam=lam)
-        advantages = masked_whiten(raw, mask) if whiten else raw
+        advantages = masked_whiten(raw, mask, sums=advantage_sums) if whiten else raw
 
     log_ratio = torch.where(valid, policy_token_logps - old, zero)
     ratio = torch.exp(log_ratio)
@@ -212,7 +233,8 @@ def ppo_loss(
     v_clipped = old_v + torch.clamp(v - old_v, -cliprange_value, cliprange_value)
     value_term = 0.5 * torch.maximum((v - returns).square(), (v_clipped - returns).square())
     per_token_loss = torch.where(valid, policy_term + vf_coef * value_term, zero) * mask
-    per_example = per_token_loss.sum(-1) * (mask.shape[0] / mask.sum().clamp(min=1.0))
+    count = mask.sum() if batch_tokens is None else torch.as_tensor(batch_tokens, dtype=dtype)
+    per_example = per_token_loss.sum(-1) * (mask.shape[0] / count.clamp(min=1.0))
 
     metrics: dict[str, Tensor] = {}
     with torch.no_grad():
@@ -229,4 +251,4 @@ def ppo_loss(
         metrics["ppo/reward_mean"] = (per_token * mask).sum(-1).mean()
         if kl_coef is not None:
             metrics["ppo/kl_coef"] = torch.as_tensor(coef, dtype=dtype)
-    return LossOutput(per_example.mean(), per_example, metrics)
+    return LossOutput(per_example.mean(), per_example, metrics, {"advantage_sums": moment_sums(raw, mask)})

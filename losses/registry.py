@@ -190,6 +190,7 @@ class LossSpec:
     optimum: str = ""  # the population minimiser on a tabular policy, in words (the exact testbed's notes)
     piecewise_linear: bool = False  # minimised exactly at a vertex (the exact testbed enumerates them)
     margin_only: bool = False  # a function of the margin Δ = ρ_w − ρ_l alone: f-DPO's modifier applies
+    step_sums: tuple[str, ...] = ()  # optional inputs that are LossOutput.sums totalled over the step's batch
 
     @property
     def modifier_hparams(self) -> dict[str, Any]:
@@ -282,6 +283,7 @@ def register(
     optimum: str = "",
     piecewise_linear: bool = False,
     margin_only: bool = False,
+    step_sums: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Register a loss under ``name``; the decorated function becomes the validated plain function.
 
@@ -295,6 +297,10 @@ def register(
     ``margin_only``: the loss depends on the log-ratios only through the margin ``Δ = ρ_w − ρ_l`` (per-token averaged
     where it averages), so f-DPO's ``f_divergence_type`` applies to it. Every pairwise loss also takes the modifiers
     of :mod:`losses.modifiers` that fit it (``use_weighting``, ``ld_alpha``), in its plain call too.
+
+    ``step_sums`` names optional inputs that are statistics over the whole step's batch: the loss returns their
+    partial sums over its call in ``LossOutput.sums`` and a trainer that splits a step into several calls totals them
+    first (a pass without gradient) and passes the totals back under the same names.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -312,6 +318,8 @@ def register(
         var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         if requires is None and var_keyword:
             raise ValueError(f"loss '{name}' takes **inputs, so it must pass requires= to declare its needs")
+        if set(step_sums) - set(optional):
+            raise ValueError(f"loss '{name}': step_sums {sorted(step_sums)} must be optional inputs of the function")
         unknown_checks = set(checks or {}) - set(hparams)
         if unknown_checks:
             raise ValueError(f"loss '{name}': checks for unknown hyper-parameters {sorted(unknown_checks)}")
@@ -356,6 +364,7 @@ def register(
             optimum=optimum,
             piecewise_linear=piecewise_linear,
             margin_only=margin_only,
+            step_sums=tuple(step_sums),
         )
         _REGISTRY[name] = spec_
         plain.spec = spec_  # type: ignore[attr-defined]

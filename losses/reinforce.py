@@ -19,6 +19,10 @@ the batch: ``L = Σ_it m_it · −min(r_it A_it, clip(r_it, 1 − ε, 1 + ε_hig
 gradient: the gradient flows through π_θ in the ratio only. Unlike GRPO there is no per-group std scaling: the
 normalisation is global, which is REINFORCE++'s point (robust to prompts whose rewards barely vary).
 
+A trainer that splits a step's batch into several calls passes ``return_sums`` (the step's ``(Σ m·G, Σ m·G², Σ m)``,
+totalled from each call's ``LossOutput.sums``) and ``batch_tokens`` (the step's completion tokens per call), so the
+whitening and the token mean are the whole batch's, as OpenRLHF's over its replay buffer.
+
 Metrics: ``kl`` (the masked token mean of KL̂, when β > 0), ``clip_ratio/*`` as the GRPO family, and
 ``reinforce/return_mean``, ``reinforce/return_std`` (of G before normalisation).
 """
@@ -30,6 +34,7 @@ from torch import Tensor
 
 from losses._common import LossError, LossOutput, MissingInputError
 from losses.grpo import _CLIP_CHECKS, _clipped, _masked_mean, _per_sequence_extreme
+from losses.ppo import moment_sums
 from losses.registry import non_negative, one_of, register, required_if
 
 __all__ = ["reinforce_pp_loss", "reinforce_pp_advantages"]
@@ -54,9 +59,11 @@ def reinforce_pp_advantages(
     kl_estimator: str = "k2",
     baseline: str = "none",
     gamma: float = 1.0,
+    return_sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-token advantages ``[N, T]`` (module docstring), the returns before normalisation and the per-token KL
-    estimate (None when ``beta == 0``)."""
+    estimate (None when ``beta == 0``). ``return_sums``: ``(Σ m·G, Σ m·G², Σ m)`` of a larger batch this one is part
+    of, whose mean and std whiten instead of this call's."""
     mask = completion_mask.to(old_token_logps.dtype)
     n = mask.shape[0]
     r = rewards.to(mask.dtype)
@@ -80,9 +87,15 @@ def reinforce_pp_advantages(
     for t in range(mask.shape[1] - 1, -1, -1):  # return to go; padding (after the last token) stays 0
         running = per_token[:, t] + gamma * running * mask[:, t]
         returns[:, t] = running * mask[:, t]
-    count = mask.sum().clamp(min=1.0)
-    mean = (returns * mask).sum() / count
-    var = ((returns - mean).square() * mask).sum() / count
+    if return_sums is None:
+        count = mask.sum().clamp(min=1.0)
+        mean = (returns * mask).sum() / count
+        var = ((returns - mean).square() * mask).sum() / count
+    else:
+        total, squares, count = return_sums.to(mask.dtype).unbind()
+        count = count.clamp(min=1.0)
+        mean = total / count
+        var = (squares / count - mean.square()).clamp(min=0.0)
     advantages = (returns - mean) / (var.sqrt() + 1e-8) * mask
     return advantages, returns, kl
 
@@ -100,6 +113,7 @@ def reinforce_pp_advantages(
         "gamma": non_negative,
     },
     requires=required_if(lambda hparams: hparams["beta"] > 0, ("ref_token_logps",)),
+    step_sums=("return_sums",),
 )
 def reinforce_pp_loss(
     policy_token_logps: Tensor,  # [N, T] log π_θ per token, with grad
@@ -107,6 +121,8 @@ def reinforce_pp_loss(
     rewards: Tensor,  # [N] or [G, K] one scalar reward per completion
     old_token_logps: Tensor | None = None,  # [N, T] the sampling policy's (absent: the detached policy)
     ref_token_logps: Tensor | None = None,  # [N, T] the reference's (needed when beta > 0)
+    return_sums: Tensor | None = None,  # [3] the step's (Σ m·G, Σ m·G², Σ m) of the returns (trainer)
+    batch_tokens: Tensor | None = None,  # [] the step's completion tokens per call (trainer)
     *,
     beta: float = 0.01,
     kl_estimator: str = "k2",
@@ -134,13 +150,15 @@ def reinforce_pp_loss(
     old = policy_token_logps.detach() if old_token_logps is None else old_token_logps.detach().to(dtype)
     ref = None if ref_token_logps is None else ref_token_logps.detach().to(dtype)
     advantages, returns, kl = reinforce_pp_advantages(
-        rewards.detach(), mask, old, ref, beta=beta, kl_estimator=kl_estimator, baseline=baseline, gamma=gamma
-    )
+        rewards.detach(), mask, old, ref, beta=beta, kl_estimator=kl_estimator, baseline=baseline, gamma=gamma,
+        return_sums=return_sums,
+    )  # fmt: skip
     zero = policy_token_logps.new_zeros(())
     ratio = torch.exp(torch.where(valid, policy_token_logps - old, zero))
     per_token, flags = _clipped(epsilon, epsilon_high, delta)(ratio, advantages, policy_token_logps)
     summed = torch.where(valid, per_token, zero).mul(mask).sum(-1)
-    per_example = summed * (mask.shape[0] / mask.sum().clamp(min=1.0))
+    count = mask.sum() if batch_tokens is None else torch.as_tensor(batch_tokens, dtype=dtype)
+    per_example = summed * (mask.shape[0] / count.clamp(min=1.0))
     metrics: dict[str, Tensor] = {}
     with torch.no_grad():
         if kl is not None:
@@ -153,4 +171,4 @@ def reinforce_pp_loss(
         metrics["reinforce/return_std"] = (
             ((returns - metrics["reinforce/return_mean"]).square() * mask).sum() / mask.sum().clamp(min=1.0)
         ).sqrt()
-    return LossOutput(per_example.mean(), per_example, metrics)
+    return LossOutput(per_example.mean(), per_example, metrics, {"return_sums": moment_sums(returns, mask)})

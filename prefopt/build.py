@@ -171,7 +171,8 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
     accelerator = _accelerator(tcfg, run_dir)
     device = accelerator.device
     req = loss_fn.requirements
-    if req.kind == "token" and "advantages" not in req.inputs and tcfg.batch_size > tcfg.micro_batch_size:
+    split = tcfg.batch_size > tcfg.micro_batch_size  # several calls per step, whose statistics the loss must share
+    if req.kind == "token" and "advantages" not in req.inputs and not loss_fn.spec.step_sums and split:
         log.warning(  # its own advantages from the rewards: statistics of the call, i.e. of one micro-batch
             "loss '%s' builds its advantages from the micro-batch it is given: with %d micro-batches per step "
             "(accumulation x processes) its normalisation is per micro-batch, not over the step's batch; set "
@@ -254,6 +255,22 @@ def _layout(loss_fn: losses.BoundLoss, settings: TrainerSettings):
     kind, online = loss_fn.requirements.kind, settings.source == "online"
     if kind not in LAYOUTS:
         raise ConfigError(f"loss '{loss_fn.name}' is of kind {kind!r}, which no step trains")
+    sampling = settings.online
+    if online and kind != "token":
+        for name, value, default in (
+            ("steps_per_generation", sampling.steps_per_generation, 1),
+            ("mask_truncated_completions", sampling.mask_truncated_completions, False),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"trainer.online.{name}={value} needs a token loss (grpo, dapo, ppo, ...: old log-probs and "
+                    f"per-token masks); loss '{loss_fn.name}' is a {kind} loss"
+                )
+    if online and kind == "pair" and sampling.dynamic_sampling:
+        raise ConfigError(
+            f"trainer.online.dynamic_sampling is for group and token losses; loss '{loss_fn.name}' builds pairs, "
+            "which already skip prompts whose rewards tie"
+        )
     if kind in ("group", "token") and not online:
         raise ConfigError(
             f"loss '{loss_fn.name}' is a {kind} loss (k sampled completions per prompt); train it with trainer=online"

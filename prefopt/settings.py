@@ -140,9 +140,26 @@ class SamplingSettings(_FromMapping):
     table_rows: int = 4
     scale_rewards: str = "group"  # token losses' advantages (losses.group_advantages): group | batch | none
     num_iterations: int = 1  # optimizer steps on each draw of samples (TRL's num_iterations, the papers' mu)
+    steps_per_generation: int = 1  # optimizer steps per draw, each on its own slice of batch_size prompts
+    mask_truncated_completions: bool = False  # token losses: no loss on completions cut at max_new_tokens
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last this-many tokens (0 = off)
+    overlong_penalty: float = 1.0
+    dynamic_sampling: bool = False  # DAPO: replace prompts whose rewards all tie by newly sampled ones
+    dynamic_sampling_rounds: int = 3  # extra sampling rounds at most
+    kl_reward_coef: float = 0.0  # subtract coef * sampled sequence KL to the reference from each reward
 
     def validate(self) -> None:
         _one_of(self.GROUP, "scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        for name in ("steps_per_generation",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.online.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("overlong_buffer", "dynamic_sampling_rounds", "overlong_penalty", "kl_reward_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.online.{name} must be >= 0, got {getattr(self, name)}")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ConfigError(
+                f"trainer.online.overlong_buffer={self.overlong_buffer} must be <= max_new_tokens={self.max_new_tokens}"
+            )
         if self.num_iterations < 1:
             raise ConfigError(f"trainer.online.num_iterations must be >= 1, got {self.num_iterations}")
         if self.samples_per_prompt < 2:

@@ -145,7 +145,7 @@ class OnlineSource:
         self.order = Order(len(prompts), seed)
         self.accumulation = batch_size // (micro_batch_size * world)
         self.iterations = settings.num_iterations
-        self.held: tuple[int, Draw] | None = None  # (draw index, draw) reused for num_iterations steps
+        self.held: tuple[int, list[Draw]] | None = None  # (generation index, its slices), reused over its steps
 
     # ------------------------------------------------------------------------------------------------ sampling
     def generate(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
@@ -226,65 +226,123 @@ class OnlineSource:
 
     # ----------------------------------------------------------------------------------------------- one step
     def draw(self, policy, step: int) -> Draw:
-        """This process's micro-batches for ``step``: a new draw of samples every ``num_iterations`` steps, the held
-        one in between (held in the checkpoint too, so a run resumed between iterations trains on the same
-        samples)."""
-        index = step // self.iterations
-        if self.held is not None and self.held[0] == index:
-            return self.held[1]
-        draw = self._new_draw(policy, step)
-        if self.iterations > 1:
-            self.held = (index, draw)
-        return draw
+        """This process's micro-batches for ``step``. Samples are drawn every ``steps_per_generation ×
+        num_iterations`` steps, for ``steps_per_generation`` slices of ``batch_size`` prompts; the steps in between
+        take the held slices in TRL's order (each iteration over every slice). The held draw is checkpointed too,
+        so a run resumed inside a generation trains on the same samples."""
+        slices, cycle = self.sampling.steps_per_generation, self.sampling.steps_per_generation * self.iterations
+        index = step // cycle
+        if self.held is None or self.held[0] != index:
+            draws = self._new_draws(policy, step)
+            self.held = (index, draws) if cycle > 1 else None
+            if cycle == 1:
+                return draws[0]
+        return self.held[1][(step % cycle) % slices]
 
-    def _new_draw(self, policy, step: int) -> Draw:
-        indices = self.order.take(self.batch_size)[self.rank :: self.world]
+    def _agree(self, flag: bool) -> bool:
+        """True on every process if it is True on any (they must take the same branch)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], dtype=torch.float64)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def _sample_groups(self, policy, step: int, round_: int) -> tuple[dict, list[list[dict]], int, int]:
+        """One round: ``steps_per_generation × batch_size`` prompts (this process's share), sampled, scored, shaped
+        and made into pairs or groups: (sampled, per-prompt items, prompts, tied prompts)."""
+        needed = self.batch_size * self.sampling.steps_per_generation
+        indices = self.order.take(needed)[self.rank :: self.world]
         prompts = [self.prompts[i] for i in indices]
-        old_logps = self.kind == "token" and self.iterations > 1  # later iterations divide by the sampler's values
-        sampled = self.sample(
-            policy, prompts, self.k, seed=f"{self.seed}/online/{step}/{self.rank}", per_token=old_logps
-        )
+        # later steps of a generation divide by the sampler's values
+        old_logps = self.kind == "token" and self.sampling.steps_per_generation * self.iterations > 1
+        seed = f"{self.seed}/online/{step}/{self.rank}" + (f"/{round_}" if round_ else "")
+        sampled = self.sample(policy, prompts, self.k, seed=seed, per_token=old_logps)
+        sampled["rewards"] = self._shaped(sampled)
         for observe in self.observers:
             observe(sampled)
         build = self._pairs if self.kind == "pair" else self._groups
-        per_prompt, dropped = build(sampled, len(prompts))
-        size = self.micro_batch_size
-        micro_batches = [sum(per_prompt[m * size : (m + 1) * size], []) for m in range(self.accumulation)]
+        per_prompt, tied = build(sampled, len(prompts))
+        return sampled, per_prompt, len(prompts), tied
+
+    def _new_draws(self, policy, step: int) -> list[Draw]:
+        sampled, per_prompt, n_prompts, tied = self._sample_groups(policy, step, 0)
         metrics = self._metrics(sampled, "online/")
-        metrics["online/items"] = float(sum(map(len, micro_batches)))
-        metrics["online/tied_prompts_frac"] = dropped / len(prompts)
+        metrics["online/tied_prompts_frac"] = tied / n_prompts
+        if self.sampling.dynamic_sampling:  # DAPO: replace tied groups by newly sampled untied ones
+            kept = [g for g in per_prompt if not g[0]["tied"]]
+            spare = [g for g in per_prompt if g[0]["tied"]]
+            rounds = 0
+            while rounds < self.sampling.dynamic_sampling_rounds and self._agree(len(kept) < n_prompts):
+                rounds += 1
+                _, more, _, _ = self._sample_groups(policy, step, rounds)
+                kept += [g for g in more if not g[0]["tied"]]
+                spare += [g for g in more if g[0]["tied"]]
+            metrics["online/dynamic_sampling_rounds"] = float(rounds)
+            metrics["online/dynamic_sampling_filled_frac"] = max(n_prompts - len(kept), 0) / n_prompts  # tied left
+            per_prompt = (kept + spare)[:n_prompts]
         table = None
         every = self.sampling.table_every
         if every and ((step + 1) % every == 0 or step == 0):  # logged as steps 1, every, 2 * every, ...
             table = self._table(sampled)
-        inputs = self._batch_statistics(micro_batches) if self.kind == "token" else {}
-        return Draw(micro_batches, metrics, table, inputs)
+        if self.kind == "token":
+            self._advantages([g for items in per_prompt for g in items])
+        share, size = n_prompts // self.sampling.steps_per_generation, self.micro_batch_size
+        draws = []
+        for s in range(self.sampling.steps_per_generation):
+            own = per_prompt[s * share : (s + 1) * share]
+            micro_batches = [sum(own[m * size : (m + 1) * size], []) for m in range(self.accumulation)]
+            line = {**metrics, "online/items": float(sum(map(len, micro_batches)))}
+            inputs = self._batch_tokens(micro_batches) if self.kind == "token" else {}
+            draws.append(Draw(micro_batches, line, table if s == 0 else None, inputs))
+        return draws
 
-    def _batch_statistics(self, micro_batches: list[list[dict]]) -> dict[str, float]:
-        """Token losses: what depends on the whole step's batch, over every process, so the update does not depend
-        on how the batch is split into micro-batches and processes. Each group gets its completions' advantages
-        (:func:`losses.group_advantages` on the rewards of every process's groups: ``scale_rewards=batch`` takes
-        the std of the global batch, as TRL); the step gets ``batch_tokens``, the completion tokens of the global
-        batch per loss call (TRL's ``num_items_in_batch / num_processes × gradient_accumulation_steps``), the
-        normaliser of the token-mean losses."""
+    def _shaped(self, sampled: dict) -> torch.Tensor:
+        """The rewards the loss is trained on [N]: the scorer's total, minus ``kl_reward_coef`` × the sample's
+        KL to the reference (log π − log π_ref of the completion: the KL in the reward), plus DAPO's soft overlong
+        punishment ``−penalty · (|o| − (L − buffer)) / buffer`` for lengths past ``L − buffer`` (L =
+        ``max_new_tokens``; Yu et al. 2025, §3.4)."""
+        sampling = self.sampling
+        rewards = sampled["scores"].total.double().clone()
+        if sampling.kl_reward_coef > 0 and sampled["ref_logps"] is not None:
+            kl = (sampled["policy_logps"] - sampled["ref_logps"]).double()
+            rewards -= sampling.kl_reward_coef * kl
+        if sampling.overlong_buffer > 0:
+            start = sampling.max_new_tokens - sampling.overlong_buffer
+            lengths = torch.tensor([len(c) for c in sampled["completions"]], dtype=torch.float64)
+            rewards -= sampling.overlong_penalty * (lengths - start).clamp(min=0.0) / sampling.overlong_buffer
+        return rewards
+
+    def _advantages(self, groups: list[dict]) -> None:
+        """Token losses: each group's advantages from the rewards of the whole generation batch, over every process
+        (:func:`losses.group_advantages`; ``scale_rewards=batch`` takes the global batch's std, as TRL)."""
         import losses
 
-        groups = [g for micro in micro_batches for g in micro]
         rewards = torch.tensor([g["rewards"] for g in groups], dtype=torch.float64)
-        tokens = torch.tensor([float(sum(len(c) for g in groups for c in g["completions"]))], dtype=torch.float64)
         if self.world > 1:
             gathered = [torch.zeros_like(rewards) for _ in range(self.world)]
             torch.distributed.all_gather(gathered, rewards)  # every process holds as many groups
-            torch.distributed.all_reduce(tokens)
             rewards = torch.cat(gathered)
         advantages = losses.group_advantages(rewards, scale_rewards=self.sampling.scale_rewards)
         own = advantages.reshape(-1, self.k)[self.rank * len(groups) : (self.rank + 1) * len(groups)]
         for group, values in zip(groups, own.tolist(), strict=True):
             group["advantages"] = values
+
+    def _batch_tokens(self, micro_batches: list[list[dict]]) -> dict[str, float]:
+        """Token losses: ``batch_tokens``, the completion tokens of the step's global batch per loss call (TRL's
+        ``num_items_in_batch / num_processes × gradient_accumulation_steps``), the token-mean losses' normaliser, so
+        the update does not depend on how the batch is split into micro-batches and processes (masked truncated
+        completions do not count)."""
+        count = 0
+        for group in (g for micro in micro_batches for g in micro):
+            truncated = group.get("truncated") or [False] * len(group["completions"])
+            count += sum(len(c) for c, cut in zip(group["completions"], truncated, strict=True) if not cut)
+        tokens = torch.tensor([float(count)], dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(tokens)
         return {"batch_tokens": float(tokens) / (len(micro_batches) * self.world)}
 
     def _rewards(self, sampled: dict) -> torch.Tensor:
-        return sampled["scores"].total.double().reshape(-1, self.k)  # [G, K]
+        return sampled["rewards"].reshape(-1, self.k)  # [G, K], shaped (:meth:`_shaped`)
 
     def _pairs(self, sampled: dict, n_prompts: int) -> tuple[list[list[dict]], int]:
         """Per prompt: (best, worst) by reward, or every (i, j) with r_i − r_j > margin; ties give no pair."""
@@ -328,8 +386,15 @@ class OnlineSource:
                 group["old_token_logps"] = [sampled["policy_token_logps"][i] for i in rows]
             tokens = sampled["scores"].tokens
             if tokens is not None and self.kind == "token":  # per-token rewards (ALaRM's token vector)
+                shaping = (sampled["rewards"] - sampled["scores"].total.double()).tolist()
                 group["token_rewards"] = [tokens[i].tolist() for i in rows]
-            tied += bool((rewards_gk[g] == rewards_gk[g][0]).all())
+                for vector, i in zip(group["token_rewards"], rows, strict=True):  # shaping on the last token
+                    vector[-1] += shaping[i]
+            if self.sampling.mask_truncated_completions:  # cut at max_new_tokens before its EOS: no loss on it
+                raw = [sampled["completions"][i] for i in rows]
+                group["truncated"] = [len(c) >= self.sampling.max_new_tokens and c[-1] != eos for c in raw]
+            group["tied"] = bool((rewards_gk[g] == rewards_gk[g][0]).all())
+            tied += group["tied"]
             per_prompt.append([group])
         return per_prompt, tied
 
@@ -366,13 +431,13 @@ class OnlineSource:
         """This process's held draw (between iterations over one draw of samples), for the checkpoint."""
         if self.held is None:
             return None
-        index, draw = self.held
+        index, draws = self.held
         return {
             "index": index,
-            "micro_batches": draw.micro_batches,
-            "metrics": draw.metrics,
-            "table": draw.table,
-            "inputs": draw.inputs,
+            "draws": [
+                {"micro_batches": d.micro_batches, "metrics": d.metrics, "table": d.table, "inputs": d.inputs}
+                for d in draws
+            ],
         }
 
     def load_process_state(self, state: dict[str, Any] | None) -> None:
@@ -381,6 +446,9 @@ class OnlineSource:
             if state is None
             else (
                 int(state["index"]),
-                Draw(state["micro_batches"], state["metrics"], state["table"], state.get("inputs", {})),
+                [
+                    Draw(d["micro_batches"], d["metrics"], d["table"], d.get("inputs", {}))
+                    for d in state.get("draws") or [state]  # a checkpoint written before slices: one draw
+                ],
             )
         )

@@ -141,6 +141,10 @@ class TokenLayout(GroupLayout):
         out = {"policy_token_logps": logps, "completion_mask": mask, "advantages": advantages, "rewards": rewards}
         if all("token_rewards" in g for g in items):  # each vector right-aligned to its own row's last token
             out["token_rewards"] = right_aligned([v for g in items for v in g["token_rewards"]], mask)
+        if any("truncated" in g for g in items):  # mask_truncated_completions: no loss on a completion cut short
+            cut = [c for g in items for c in g.get("truncated") or [False] * len(g["completions"])]
+            keep = ~torch.tensor(cut, dtype=torch.bool, device=mask.device)
+            out["completion_mask"] = mask * keep[:, None].to(mask.dtype)
         if all("old_token_logps" in g for g in items):  # the sampling policy's values (num_iterations > 1)
             old = torch.zeros_like(logps)
             for row, values in enumerate(v for g in items for v in g["old_token_logps"]):
@@ -188,6 +192,7 @@ class Step:
         self.pad_id, self.buckets, self.device = pad_id, buckets, device
         req = loss_fn.requirements
         self.accepted = set(req.inputs) | set(req.optional_inputs)
+        self.step_sums = tuple(n for n in loss_fn.spec.step_sums if n in self.accepted)
 
     def prepare(self, policy, micro_batches: Sequence[Sequence[dict]], step: int) -> None:
         """Before a step's (or an evaluation's) micro-batches: providers with inputs that are statistics of all of
@@ -236,7 +241,8 @@ class Step:
                 inputs.update(self.layout.named(stats[statistic][:n], names, len(items)))
         for key, value in (shared or {}).items():
             if key in self.accepted:
-                inputs[key] = torch.tensor(value, dtype=torch.float32, device=self.device)
+                value = value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float32)
+                inputs[key] = value.to(self.device)
         start = n
         for provider, own in zip(self.providers, added, strict=True):
             end = start + len(own)
@@ -280,6 +286,8 @@ def forward_backward(
     every sampled reward tied)."""
     averager, problem = Averager(), None
     step_fn.prepare(policy, micro_batches, step)
+    if step_fn.step_sums and (len(micro_batches) > 1 or accelerator.num_processes > 1):
+        shared = {**(shared or {}), **step_totals(accelerator, policy, step_fn, micro_batches, step, shared)}
     for index, items in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(policy):
@@ -294,6 +302,27 @@ def forward_backward(
                     problem = problem or f"a non-finite loss ({error})"
             accelerator.backward(loss if loss is not None else zero_loss(policy))
     return averager, problem
+
+
+@torch.no_grad()
+def step_totals(accelerator, policy, step_fn: Step, micro_batches, step: int, shared: dict | None) -> dict:
+    """The loss's ``step_sums`` (statistics it normalises by, e.g. whitening moments) totalled over every micro-batch
+    of the step on every process: a forward of each micro-batch without gradient first, so each call of the step
+    then normalises by the whole batch's statistics, as one call over the whole batch would."""
+    totals: dict[str, Tensor] = {}
+    for index, items in enumerate(micro_batches):
+        if not items:
+            continue
+        try:
+            sums = step_fn(policy, items, step, index, shared).out.sums
+        except losses.NonFiniteError:  # the training pass reports it and skips the step
+            continue
+        for name in step_fn.step_sums:
+            value = sums[name].detach().double()
+            totals[name] = totals[name] + value if name in totals else value
+    if accelerator.num_processes > 1:
+        totals = {name: accelerator.reduce(value, "sum") for name, value in totals.items()}
+    return totals
 
 
 def zero_loss(policy) -> Tensor:

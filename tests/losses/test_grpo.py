@@ -551,3 +551,21 @@ def test_on_policy_gradient_is_minus_advantage_over_tokens(batch, name):
     counts = mask.sum(-1, keepdim=True).double()
     expected = -advantages[:, None] / (len(advantages) * counts) * mask
     assert torch.allclose(leaf.grad, expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", TOKEN_NAMES)
+def test_kl_estimators_by_hand(name):
+    """kl_estimator: the masked token mean of k3 = e^d − d − 1 (the default, TRL's), k2 = d²/2, k1 = −d with
+    d = log π_ref − log π_θ, on-policy (ratio 1, so the bias correction changes nothing)."""
+    policy = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    ref = policy + torch.tensor([[0.5, -0.3, 0.2]], dtype=torch.float64)  # d
+    mask = torch.tensor([[1, 1, 0]])
+    d = torch.tensor([0.5, -0.3])
+    expected = {"k3": (torch.expm1(d) - d).mean(), "k2": (d.square() / 2).mean(), "k1": (-d).mean()}
+    for estimator, value in expected.items():
+        out = losses.get(name, beta=0.1, kl_estimator=estimator)(
+            policy_token_logps=policy, completion_mask=mask, advantages=torch.zeros(1), ref_token_logps=ref
+        )
+        assert out.metrics["kl"].item() == pytest.approx(value.item()), estimator
+    with pytest.raises(losses.HyperParameterError, match="kl_estimator must be one of"):
+        losses.get(name, kl_estimator="k4")

@@ -99,7 +99,7 @@ def test_unknown_hyperparameter_lists_valid_ones():
         ("dr_grpo", {"max_completion_length": 0}, "dr_grpo.max_completion_length must be a positive integer or None"),
         ("dr_grpo", {"max_completion_length": 8.5}, "positive integer or None"),
         ("cispo", {"epsilon_high": 0.0}, "cispo.epsilon_high must be a finite number > 0"),
-        ("cispo", {"epsilon": 0.2}, "no hyper-parameter 'epsilon'; valid: beta, epsilon_high, use_bias_correction_kl"),
+        ("cispo", {"epsilon": 0.2}, "no hyper-parameter 'epsilon'; valid: beta, epsilon_high, kl_estimator, use_bias_correction_kl"),
         ("sapo", {"sapo_temperature_neg": 0.0}, "sapo.sapo_temperature_neg must be a finite number > 0"),
         ("bnpo", {"use_bias_correction_kl": "yes"}, r"bnpo.use_bias_correction_kl must be one of \[True, False\]"),
         ("combo", {"parts": {"grpo": 1.0}}, "only pairwise losses combine, 'grpo' is token"),
@@ -206,9 +206,11 @@ def test_reinforce_pp_declaration():
     req = losses.get("reinforce_pp").requirements
     assert req.kind == "token" and req.needs_reference
     assert req.inputs == ("policy_token_logps", "completion_mask", "rewards", "ref_token_logps")
-    assert req.optional_inputs == ("old_token_logps",) and req.extras == ()
+    step = ("return_sums", "batch_tokens")  # the step's totals a trainer passes when it splits the batch
+    assert req.optional_inputs == ("old_token_logps", *step) and req.optional_extras == ("return_sums",)
     free = losses.get("reinforce_pp", beta=0.0).requirements
-    assert not free.needs_reference and free.optional_inputs == ("old_token_logps", "ref_token_logps")
+    assert not free.needs_reference and free.optional_inputs == ("old_token_logps", "ref_token_logps", *step)
+    assert losses.spec("reinforce_pp").step_sums == ("return_sums",)
 
 
 def test_unpaired_declarations():

@@ -1,8 +1,9 @@
 """Token losses give the same update however the step's batch is split: 1 micro-batch vs 4 accumulated, and 1
-process vs 2 (each process's gradient of its half, averaged as DDP averages them), for every token loss and both
-kinds of normaliser. What makes it hold is what the sampler computes over the whole step's batch (advantages with
-``scale_rewards=batch``'s global std, ``batch_tokens`` for the token-mean losses) and every call's T being
-``max_new_tokens`` (Dr. GRPO's constant). TRL #5619 and ms-swift #10117 were this bug."""
+process vs 2 (each process's gradient of its half, averaged as DDP averages them), for every token loss and every
+kind of normaliser. What makes it hold is what the sampler computes over the whole step's batch (advantages with
+``scale_rewards=batch``'s global std, ``batch_tokens`` for the token-mean losses), every call's T being
+``max_new_tokens`` (Dr. GRPO's constant), and the step sums of the losses that whiten (ppo, reinforce_pp), totalled
+over the step before its first micro-batch. TRL #5619 and ms-swift #10117 were this bug."""
 
 from pathlib import Path
 
@@ -12,18 +13,11 @@ import torch
 import losses
 import prefopt
 from prefopt.build import build
-from prefopt.step import forward_backward
+from prefopt.step import forward_backward, step_totals
 
 from .test_online import ONLINE
 
-# reinforce_pp and ppo whiten their advantages over the call's tokens; whitening over the step's batch needs every
-# sample's per-token KL (and values) before the first micro-batch runs (not done yet: the run warns when it
-# accumulates or has processes)
-WHITENED = pytest.mark.xfail(reason="whitens per call", strict=True)
-TOKEN_LOSSES = [
-    pytest.param(n, marks=WHITENED) if n in ("reinforce_pp", "ppo") else n
-    for n in sorted(n for n in losses.available() if losses.spec(n).kind == "token")
-]
+TOKEN_LOSSES = sorted(n for n in losses.available() if losses.spec(n).kind == "token")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +56,12 @@ def test_accumulation_and_processes_do_not_change_the_update(tmp_path, cache_dir
     for name, value in reference.items():
         assert torch.allclose(accumulated[name], value, rtol=1e-4, atol=1e-7), name
     # two processes, each with half of the groups: the statistics are the global batch's (a process's batch_tokens
-    # is the global count per call), and DDP averages the two gradients
+    # is the global count per call; the loss's step sums are all-reduced, i.e. the whole batch's), and DDP averages
+    # the two gradients
     halves = [groups[:2], groups[2:]]
     shared = {k: v / 2 if k == "batch_tokens" else v for k, v in draw_1.inputs.items()}
+    shared.update(step_totals(whole.accelerator, whole.policy, whole.step, [groups], 0, shared))
+    assert set(shared) == {"batch_tokens", *whole.step.step_sums}
     per_process = [gradient(whole, [half], shared) for half in halves]
     for name, value in reference.items():
         averaged = (per_process[0][name] + per_process[1][name]) / 2
