@@ -99,7 +99,11 @@ def test_unknown_hyperparameter_lists_valid_ones():
         ("dr_grpo", {"max_completion_length": 0}, "dr_grpo.max_completion_length must be a positive integer or None"),
         ("dr_grpo", {"max_completion_length": 8.5}, "positive integer or None"),
         ("cispo", {"epsilon_high": 0.0}, "cispo.epsilon_high must be a finite number > 0"),
-        ("cispo", {"epsilon": 0.2}, "no hyper-parameter 'epsilon'; valid: beta, epsilon_high, kl_estimator, use_bias_correction_kl"),
+        (
+            "cispo",
+            {"epsilon": 0.2},
+            "no hyper-parameter 'epsilon'; valid: beta, epsilon_high, kl_estimator, use_bias_correction_kl",
+        ),
         ("sapo", {"sapo_temperature_neg": 0.0}, "sapo.sapo_temperature_neg must be a finite number > 0"),
         ("bnpo", {"use_bias_correction_kl": "yes"}, r"bnpo.use_bias_correction_kl must be one of \[True, False\]"),
         ("combo", {"parts": {"grpo": 1.0}}, "only pairwise losses combine, 'grpo' is token"),
