@@ -202,3 +202,30 @@ def test_data_of_the_wrong_kind_is_one_line(tmp_path, cache_dir, overrides, mess
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+# ---------------------------------------------------------------------------------------------- upo's aux rewards
+def test_aux_rewards_per_row_and_the_prompts_mean_for_pair_mean():
+    """UPO over an unpaired base: each row gets its rewards [K]; with pair_mean, V(x) is the mean combined reward
+    of the prompt's training rows — on unpaired pairs (one pair per prompt) the pairwise pair_mean baseline."""
+    from types import SimpleNamespace
+
+    from prefopt.cache import sequence_key
+    from prefopt.providers import AuxRewards, MicroBatch, PromptValue
+
+    pairs, _ = synthetic.make_preference_data(6, 1, seed=2)
+    rows = []
+    for i, pair in enumerate(pairs):
+        for side, label in (("chosen", True), ("rejected", False)):
+            ids = {"prompt_ids": [1, i], "completion_ids": [10 + len(rows)], "label": label}
+            rows.append({**ids, "prompt": pair["prompt"], "completion": pair[side]})
+    data = SimpleNamespace(kind="unpaired", train=rows, eval=[])
+    provider = AuxRewards(["lexicon", "length"], data=data, value=PromptValue(None, 0.5))
+    micro = MicroBatch(rows, [], 0, 0, SimpleNamespace(kind="unpaired"), torch.device("cpu"))
+    micro.rows = [{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in rows]
+    out = provider.inputs(micro, None)
+    assert out["aux_rewards"].shape == (12, 2)
+    combined = out["aux_rewards"].mean(dim=1)
+    pair_means = combined.reshape(6, 2).mean(dim=1).repeat_interleave(2)
+    assert out["aux_values"].tolist() == pytest.approx(pair_means.tolist(), abs=1e-6)
+    assert sequence_key([1, 0], []) in provider.values
