@@ -119,7 +119,8 @@ def _metrics(beta: float, policy_logps: Tensor, logratios: Tensor, labels: Tenso
     """TRL's names: ``kl``; ``rewards/{chosen,rejected}`` = mean β·ρ and ``logps/{chosen,rejected}`` = mean S_θ over
     the desirable / undesirable rows (only for a side with rows); ``rewards/margins`` only when both sides have. And
     prefopt's ``rewards/accuracies`` (not TRL's): the fraction of rows on their label's side of the reference point,
-    ρ > z₀ if desirable, ρ < z₀ if not (z₀ = 0 for ``apo_zero_unpaired``); 0 at the start, where every ρ = z₀ = 0."""
+    ρ > z₀ if desirable, ρ < z₀ if not (z₀ = 0 for ``apo_zero_unpaired``); a coin flip at the start, where every
+    ρ = z₀ = 0 up to rounding."""
     rewards = beta * logratios.detach()
     policy_logps = policy_logps.detach()
     metrics = {"kl": kl.detach()}
