@@ -90,6 +90,7 @@ class Reference:
         self.table = table or {}
         self.adapter_off = adapter_off  # model is the LoRA policy itself: run it with its adapters disabled
         self._memo: dict[bytes, float] = {}
+        self._token_memo: dict[bytes, list[float]] = {}  # per-token values the online source computed
 
     @staticmethod
     def _model(policy: torch.nn.Module, adapters: str) -> tuple[torch.nn.Module, bool]:
@@ -155,21 +156,41 @@ class Reference:
 
     def token_logps(self, sequences: Sequence[dict]) -> Tensor:
         """[N, L] fp32 per-token reference log-probs of ``sequences`` (left-aligned, zero-padded to the longest
-        completion), from the live model: tables hold only sums."""
-        if self.model is None:
+        completion), from the per-token memo (what the online source computed when it sampled) or the live model:
+        tables hold only sums."""
+        found = None
+        if self._token_memo:
+            found = [self._token_memo.get(sequence_key(r["prompt_ids"], r["completion_ids"])) for r in sequences]
+        if found is not None and all(row is not None for row in found):
+            rows = found
+        elif self.model is None:
             raise RuntimeError("per-token reference log-probs need a live reference model (online runs have one)")
-        with self.off():
-            rows = token_logps_of(self.model, sequences, self.pad_id, max(len(sequences), 1), self.device)
+        else:
+            rows = self.token_values(sequences, batch_size=max(len(sequences), 1))
         width = max((len(r) for r in rows), default=0)
         return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32, device=self.device)
 
-    def remember(self, sequences: Sequence[dict], values: Tensor) -> None:
-        """Keep values just computed for ``sequences`` (online samples) until :meth:`forget`."""
+    def token_values(self, sequences: Sequence[dict], *, batch_size: int) -> list[list[float]]:
+        """Per-token log-probs of each row under the live reference model (one list per row, its completion's
+        length; ``batch_size`` rows per forward); their sums are :meth:`logps`'s values up to float rounding."""
+        if self.model is None:
+            raise RuntimeError("per-token reference log-probs need a live reference model (online runs have one)")
+        with self.off():
+            return token_logps_of(self.model, sequences, self.pad_id, batch_size, self.device)
+
+    def remember(
+        self, sequences: Sequence[dict], values: Tensor, tokens: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        """Keep values just computed for ``sequences`` (online samples) until :meth:`forget`: their sums and, when
+        given, their per-token values (then a token loss's step reads them instead of running the model again)."""
         for row, value in zip(sequences, values.tolist(), strict=True):
             self._memo[sequence_key(row["prompt_ids"], row["completion_ids"])] = value
+        for row, per_token in zip(sequences, tokens or (), strict=False):
+            self._token_memo[sequence_key(row["prompt_ids"], row["completion_ids"])] = list(per_token)
 
     def forget(self) -> None:
         self._memo.clear()
+        self._token_memo.clear()
 
     def logps(self, sequences: Sequence[dict], *, batch_size: int | None = None, buckets: bool | int = True) -> Tensor:
         """[N] fp32 reference log-probs of ``sequences``: from the table or memo where known, else computed live

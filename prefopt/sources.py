@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from prefopt.generation import decode_completions, sample_completions
+from prefopt.generation import decode_completions, sample_groups
 from prefopt.logps import is_sharded
 from prefopt.reference import Reference, logps_of, token_logps_of
 from prefopt.scoring import Scores
@@ -149,13 +149,16 @@ class OnlineSource:
 
     # ------------------------------------------------------------------------------------------------ sampling
     def generate(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
-        """k completions per prompt from ``model``: prompt ids and texts, completion ids, texts and token pieces."""
+        """k completions per prompt from ``model``: prompt ids and texts, completion ids, texts and token pieces, and
+        the sampler's per-token log-probs of them (:func:`prefopt.generation.sample_groups`; None where it falls back
+        to ``model.generate``)."""
         sampling = self.sampling
         prompt_ids = [p["prompt_ids"] for p in prompts for _ in range(k)]
-        completions = sample_completions(
+        completions, token_logps = sample_groups(  # one prompt forward per prompt, its cache shared by its k samples
             model,
             self.tokenizer,
-            prompt_ids,
+            [p["prompt_ids"] for p in prompts],
+            k,
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -172,6 +175,7 @@ class OnlineSource:
             "completions": completions,
             "texts": texts,
             "pieces": pieces,
+            "sampler_token_logps": token_logps,  # the sampling policy's log-probs of its tokens, or None
         }
 
     def fit_scorer(self, model) -> dict[str, Any]:
@@ -183,9 +187,11 @@ class OnlineSource:
 
     def sample(self, model, prompts: list[dict], k: int, seed: Any, per_token: bool = False) -> dict:
         """:meth:`generate`, then scores and the policy's and reference's log-probs of every sample (the reference
-        keeps its values until the next draw, so the step reads them instead of running the reference again).
-        ``per_token``: also the policy's per-token values (``policy_token_logps``, one list per sample), from the
-        same forward whose sums are ``policy_logps``."""
+        keeps its values until the next draw, so the step reads them instead of running the reference again; for
+        token losses its per-token values, from the one forward whose sums are ``ref_logps``). ``policy_logps`` are
+        the sampler's own (read off its logits, no forward) unless ``per_token``: then the policy's per-token values
+        (``policy_token_logps``, one list per sample, the old policy of later iterations) come from a forward, whose
+        sums are ``policy_logps``."""
         generated = self.generate(model, prompts, k, seed)
         prompt_ids, completions = generated["prompt_ids"], generated["completions"]
         scores: Scores = self.scorer(generated["prompts"], generated["texts"], generated["pieces"])
@@ -196,15 +202,23 @@ class OnlineSource:
         batch = self.sampling.generation_batch_size
         pad = self.tokenizer.pad_token_id
         token_values = token_logps_of(model, sequences, pad, batch, self.device) if per_token else None
-        if token_values is None:
-            policy_logps = logps_of(model, sequences, pad, batch, self.device)
-        else:
+        sampler = generated.get("sampler_token_logps")
+        if token_values is not None:
             policy_logps = torch.tensor([sum(row) for row in token_values], dtype=torch.float32)
+        elif sampler is not None and all(completions):  # read off the sampling logits: no forward
+            policy_logps = torch.tensor([sum(row) for row in sampler], dtype=torch.float32)
+        else:
+            policy_logps = logps_of(model, sequences, pad, batch, self.device)
         ref_logps = None
         if self.reference is not None:
             self.reference.forget()
-            ref_logps = self.reference.logps(sequences, batch_size=batch)
-            self.reference.remember(sequences, ref_logps)
+            if self.kind == "token" and self.reference.model is not None:  # per-token values, kept for the step
+                ref_tokens = self.reference.token_values(sequences, batch_size=batch)
+                ref_logps = torch.tensor([sum(row) for row in ref_tokens], dtype=torch.float32)
+                self.reference.remember(sequences, ref_logps, ref_tokens)
+            else:
+                ref_logps = self.reference.logps(sequences, batch_size=batch)
+                self.reference.remember(sequences, ref_logps)
         sampled = {**generated, "scores": scores, "policy_logps": policy_logps, "ref_logps": ref_logps}
         return {**sampled, "policy_token_logps": token_values} if per_token else sampled
 
