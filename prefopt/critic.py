@@ -9,9 +9,13 @@ completion token — the hidden state whose LM head gives that token's log-prob 
 token log-probs. The decoder is shared (the value loss reaches the policy's weights, scaled by ``vf_coef``), as in the
 value-head models of TRL's first PPO and of the ALaRM authors' trainer.
 
+When a draw of samples serves several optimizer steps (``num_iterations`` or ``steps_per_generation`` > 1), the
+values of every sample at sampling time are computed once per draw and reach the loss as ``old_values`` (the centre of
+its value clipping and the baseline of its GAE), held with the draw (and its checkpoint); with one step per draw they
+equal the current values, which the loss then uses.
+
 Cost and limits: the values come from a second decoder forward per micro-batch (the policy's log-probs forward keeps
-its length buckets and chunked head); ``old_values`` are not captured at sampling time, so the loss uses the current
-values (exact for ``num_iterations=1``, where they are equal). ``final/`` keeps the head's weights beside the model's
+its length buckets and chunked head). ``final/`` keeps the head's weights beside the model's
 (``prefopt_value_head.*``; transformers skips them on load).
 
 Provider ``kl_coef`` (for losses that take ``kl_coef`` and set ``kl_target``): the adaptive KL controller of Ziegler
@@ -64,8 +68,10 @@ class ValueHead(Provider):
 
     names = ("values",)
 
-    def __init__(self, policy: torch.nn.Module, pad_id: int):
-        self.policy, self.pad_id = policy, pad_id
+    def __init__(self, policy: torch.nn.Module, pad_id: int, eos_id: int, old_values: bool = False, batch: int = 64):
+        self.policy, self.pad_id, self.eos_id, self.batch = policy, pad_id, eos_id, batch
+        if old_values:
+            self.on_sample = self.remember
         owner = _owner(policy)
         if not hasattr(owner, HEAD):
             hidden = owner.config.hidden_size
@@ -80,10 +86,33 @@ class ValueHead(Provider):
         values = values_of(self.policy, batch.input_ids, batch.attention_mask, batch.completion_mask)
         return micro.layout.named(values, self.names, len(micro.items))
 
+    @torch.no_grad()
+    def remember(self, sampled: dict) -> None:
+        """On each draw: every sample's values under the sampling policy, as ``sampled["old_values"]`` (one list per
+        sample; the batch source hands them to the groups as ``old_values``)."""
+        rows = [
+            {"prompt_ids": p, "completion_ids": c or [self.eos_id]}
+            for p, c in zip(sampled["prompt_ids"], sampled["completions"], strict=True)
+        ]
+        device = next(self.policy.parameters()).device
+        was_training = self.policy.training
+        self.policy.eval()
+        out: list[list[float]] = []
+        for start in range(0, len(rows), self.batch):
+            batch = collate(rows[start : start + self.batch], self.pad_id).to(device)
+            values = values_of(self.policy, batch.input_ids, batch.attention_mask, batch.completion_mask)
+            lengths = batch.completion_mask[:, 1:].sum(dim=1).tolist()
+            out += [values[i, : int(n)].tolist() for i, n in enumerate(lengths)]
+        self.policy.train(was_training)
+        sampled["old_values"] = out
+
 
 @register_provider("values", ("values",))
 def _values(ctx: ProviderContext) -> Provider:
-    return ValueHead(ctx.policy, ctx.tokenizer.pad_token_id)
+    online = ctx.settings.trainer.online
+    held = ctx.settings.trainer.source == "online" and online.num_iterations * online.steps_per_generation > 1
+    tokenizer = ctx.tokenizer
+    return ValueHead(ctx.policy, tokenizer.pad_token_id, tokenizer.eos_token_id, held, online.generation_batch_size)
 
 
 class AdaptiveKL(Provider):

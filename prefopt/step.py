@@ -116,7 +116,7 @@ class TokenLayout(GroupLayout):
 
     kind = "token"
     per_token = True
-    names = ("policy_token_logps", "completion_mask", "advantages", "rewards", "token_rewards")
+    names = ("policy_token_logps", "completion_mask", "advantages", "rewards", "token_rewards", "old_values")
 
     def __init__(self, scale_rewards: str = "group", width: int | None = None):
         self.scale_rewards = scale_rewards
@@ -145,11 +145,12 @@ class TokenLayout(GroupLayout):
             cut = [c for g in items for c in g.get("truncated") or [False] * len(g["completions"])]
             keep = ~torch.tensor(cut, dtype=torch.bool, device=mask.device)
             out["completion_mask"] = mask * keep[:, None].to(mask.dtype)
-        if all("old_token_logps" in g for g in items):  # the sampling policy's values (num_iterations > 1)
-            old = torch.zeros_like(logps)
-            for row, values in enumerate(v for g in items for v in g["old_token_logps"]):
-                old[row, : len(values)] = torch.tensor(values, dtype=logps.dtype)
-            out["old_token_logps"] = old
+        for key in ("old_token_logps", "old_values"):  # the sampling policy's (a draw serving several steps)
+            if all(key in g for g in items):
+                old = torch.zeros_like(logps)
+                for row, values in enumerate(v for g in items for v in g[key]):
+                    old[row, : len(values)] = torch.tensor(values, dtype=logps.dtype)
+                out[key] = old
         return out
 
 

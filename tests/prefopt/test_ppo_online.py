@@ -116,10 +116,25 @@ def test_adaptive_kl_coefficient_moves_and_resumes(tmp_path, cache_dir):  # noqa
     logged = [x for x in lines(full) if "ppo/kl_coef" in x]
     coefs = [x["ppo/kl_coef"] for x in logged]
     assert coefs[0] == pytest.approx(0.2) and all(b > a for a, b in zip(coefs[1:], coefs[2:], strict=False))
-    resumed = run(
-        tmp_path, cache_dir, *common, f"trainer.resume={tmp_path}/full/checkpoints/step-2", name="resumed"
-    )
+    resumed = run(tmp_path, cache_dir, *common, f"trainer.resume={tmp_path}/full/checkpoints/step-2", name="resumed")
     again = [x for x in lines(resumed) if "ppo/kl_coef" in x]
     assert [(x["step"], x["ppo/kl_coef"], x["loss"]) for x in again] == [
         (x["step"], x["ppo/kl_coef"], x["loss"]) for x in logged if x["step"] > 2
     ]
+
+
+def test_old_values_are_the_sampling_time_values_when_a_draw_serves_two_steps(tmp_path, cache_dir, monkeypatch):  # noqa: F811
+    """num_iterations=2 with ppo: the values at sampling time come with the draw as old_values: equal to the values at
+    the draw's first step (same weights), unchanged at its second step while the values have moved."""
+    seen = []
+    from prefopt import build as build_module
+
+    original = build_module.build_loss
+    monkeypatch.setattr(build_module, "build_loss", lambda cfg: _Spy(original(cfg), seen))
+    overrides = ["loss=ppo", "reward=lexicon", "trainer.max_steps=2", "trainer.online.num_iterations=2"]
+    run(tmp_path, cache_dir, *overrides, "trainer.lr=1e-2", "trainer.micro_batch_size=8", name="mu")
+    first, second = seen[0], seen[1]
+    mask = first["completion_mask"].bool()
+    assert torch.allclose(first["old_values"][mask], first["values"][mask], atol=1e-5)
+    assert torch.equal(first["old_values"], second["old_values"])
+    assert not torch.allclose(second["values"][mask], second["old_values"][mask], atol=1e-4)
