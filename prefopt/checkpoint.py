@@ -18,9 +18,12 @@ __all__ = ["save_checkpoint", "checkpoints", "resume"]
 log = logging.getLogger("prefopt")
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, source, keep_last: int | None, providers=()) -> Path:
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, source, keep_last: int | None, providers=(), reference=None
+) -> Path:
     """``checkpoints/step-N``: written to a temporary dir, renamed when complete; old ones pruned after.
-    ``providers``: their :meth:`~prefopt.providers.Provider.state` goes into ``trainer_state.json``."""
+    ``providers``: their :meth:`~prefopt.providers.Provider.state` goes into ``trainer_state.json``; ``reference``:
+    a reference model that moves during training (TR-DPO), saved as ``reference.safetensors``."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -32,6 +35,12 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, source, keep_last: in
         (tmp / f"source_state_{accelerator.process_index}.json").write_text(json.dumps(own))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if reference is not None:
+            from safetensors.torch import save_file
+
+            # cloned: tied weights (embeddings = LM head) share storage, which safetensors refuses
+            weights = {k: v.detach().cpu().clone() for k, v in reference.state_dict().items()}
+            save_file(weights, str(tmp / "reference.safetensors"))
         states = [provider.state() for provider in providers]
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **source.state(), "providers": states}))
         if final.exists():
@@ -55,9 +64,9 @@ def checkpoints(root: Path) -> list[Path]:
     return [p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.json").exists()]
 
 
-def resume(accelerator, where: Resume, run_dir: Path, source, providers=()) -> int:
-    """0 for a fresh run; else restore model, optimizer, scheduler, RNG, data position and the providers' states,
-    and return the step."""
+def resume(accelerator, where: Resume, run_dir: Path, source, providers=(), reference=None) -> int:
+    """0 for a fresh run; else restore model, optimizer, scheduler, RNG, data position, the providers' states and a
+    moving reference's weights, and return the step."""
     if where is None:
         return 0
     if where == "latest":
@@ -73,6 +82,15 @@ def resume(accelerator, where: Resume, run_dir: Path, source, providers=()) -> i
     accelerator.load_state(str(path))
     state = json.loads((path / "trainer_state.json").read_text())
     source.load_state(state)
+    if reference is not None:
+        from safetensors.torch import load_file
+
+        weights = path / "reference.safetensors"
+        if not weights.exists():
+            raise ConfigError(
+                f"trainer.resume={path}: reference.sync is on but the checkpoint has no reference weights"
+            )
+        reference.load_state_dict(load_file(str(weights), device=str(next(reference.parameters()).device)))
     for provider, saved in zip(providers, state.get("providers") or [None] * len(providers), strict=False):
         if saved is not None:
             provider.load_state(saved)

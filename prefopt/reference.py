@@ -210,3 +210,13 @@ class Reference:
             raise RuntimeError("this reference has neither a table nor a model")
         with self.off():
             return logps_of(self.model, sequences, self.pad_id, batch_size, self.device, buckets=buckets)
+
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO's reference update (Gorbatovski et al. 2024, arXiv 2404.09656): ``π_ref ← α·π + (1 − α)·π_ref``
+        on every parameter (α = 1: a hard copy), as TRL's ``SyncRefModelCallback``; parameters by name, so extra
+        policy parameters (a value head) are left out. Values remembered from before are forgotten."""
+        policy_parameters = dict(policy.named_parameters())
+        for name, parameter in self.model.named_parameters():
+            parameter.mul_(1.0 - alpha).add_(policy_parameters[name].detach().to(parameter.dtype), alpha=alpha)
+        self.forget()

@@ -230,9 +230,25 @@ class TrainerSettings(_FromMapping):
 
 
 @dataclass(frozen=True)
+class SyncSettings(_FromMapping):
+    """``reference.sync``: TR-DPO's moving reference, π_ref ← α·π + (1 − α)·π_ref every ``every`` steps."""
+
+    GROUP = "reference.sync"
+    every: int = 0  # optimizer steps between updates; 0 = a fixed reference
+    alpha: float = 1.0  # weight of the policy (1 = a hard copy; TR-DPO's soft update: 0.5-0.8)
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"reference.sync.every must be >= 0 (0 = off), got {self.every}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError(f"reference.sync.alpha must lie in (0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
 class ReferenceSettings(_FromMapping):
     GROUP = "reference"
     mode: str = "precomputed"  # precomputed | live
+    sync: SyncSettings = field(default_factory=SyncSettings)
 
     def validate(self) -> None:
         if self.mode not in ("precomputed", "live"):

@@ -43,7 +43,7 @@ def loop(run: Run, started: float) -> dict[str, Any]:
     """Run the built ``run`` to ``trainer.max_steps`` (resuming when asked); returns the summary."""
     tcfg, accelerator, policy, source = run.settings.trainer, run.accelerator, run.policy, run.source
     writer = MetricsWriter(accelerator, run.run_dir / "metrics.jsonl")
-    step = resume(accelerator, tcfg.resume, run.run_dir, source, run.providers)
+    step = resume(accelerator, tcfg.resume, run.run_dir, source, run.providers, moving_reference(run))
     writer.truncate(step)
     (run.run_dir / "config.yaml").write_text(to_yaml(run.settings.resolved))
     start_trackers(run)
@@ -74,6 +74,9 @@ def loop(run: Run, started: float) -> dict[str, Any]:
             run.optimizer.step()
             run.scheduler.step()
             guard.ok()
+            sync = run.settings.reference.sync
+            if sync.every and step % sync.every == 0:  # TR-DPO: the reference moves towards the policy
+                run.reference.sync(accelerator.unwrap_model(policy), sync.alpha)
             perf = {"perf/step_seconds": time.perf_counter() - step_started, "perf/tokens": float(averager.tokens)}
             line = last_train = with_perf_totals(
                 {**reduce_mean(accelerator, {**averager.mean(), **draw.metrics, **perf}), "grad_norm": grad_norm},
@@ -87,7 +90,9 @@ def loop(run: Run, started: float) -> dict[str, Any]:
             line = {"skipped": 1, **reduce_mean(accelerator, draw.metrics)}
         elif guard.skip(step, problem):
             run.optimizer.zero_grad()
-            saved = save_checkpoint(accelerator, run.run_dir, step, source, tcfg.keep_last, run.providers)
+            saved = save_checkpoint(
+                accelerator, run.run_dir, step, source, tcfg.keep_last, run.providers, moving_reference(run)
+            )
             raise NonFiniteTraining(
                 f"stopped at step {step}: {guard.consecutive} steps in a row had {problem}; checkpoint saved in {saved}"
             )
@@ -104,11 +109,18 @@ def loop(run: Run, started: float) -> dict[str, Any]:
             if last_eval:
                 writer.log(step, last_eval, "eval/")
         if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
-            save_checkpoint(accelerator, run.run_dir, step, source, tcfg.keep_last, run.providers)
+            save_checkpoint(
+                accelerator, run.run_dir, step, source, tcfg.keep_last, run.providers, moving_reference(run)
+            )
         bar.update(1)
         bar.set_postfix(postfix(last_train))
     bar.close()
     return _finish(run, step, started, guard, last_train, last_eval, writer)
+
+
+def moving_reference(run: Run) -> torch.nn.Module | None:
+    """The reference model when ``reference.sync`` moves it (its weights are then part of the checkpoint)."""
+    return run.reference.model if run.settings.reference.sync.every else None
 
 
 def start_trackers(run: Run) -> None:
