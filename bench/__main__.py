@@ -1,15 +1,17 @@
-"""``python -m bench`` (``make bench``): prefopt vs TRL's DPOTrainer vs a bare PyTorch loop, side by side.
+"""``python -m bench`` (``make bench``): prefopt vs TRL's DPOTrainer vs a bare PyTorch loop, side by side; online,
+prefopt's GRPO step vs TRL's GRPOTrainer (bench/online.py).
 
-    python -m bench                                   # full: 3 interleaved rounds, ~17 min on 2 CPU cores
+    python -m bench                                   # full: 3 interleaved rounds, ~22 min on 2 CPU cores
     python -m bench --rounds 5 --skip scaling,startup,memory   # the ratios only, 5 rounds
+    python -m bench --skip main,scaling,startup,memory,adapters --rounds 6   # the online table alone
     python -m bench --quick                           # tiny sizes, one worker process, seconds
 
 Every configuration trains the same model (saved once, loaded by every run) on the same pairs in the same batches
-for the same steps with the same threads, each in its own process (peak RSS = that process's). The main table's
-configurations run in ``--rounds`` interleaved rounds (each round runs every configuration once, in an order rotated
-by one per round), so slow phases of a shared machine fall on all of them; every ratio is computed per round and
-printed as its median with the spread over the rounds. See bench/report.py for what is printed and how the ratios are
-defined.
+for the same steps with the same threads, each in its own process (peak RSS = that process's). The configurations
+of the main and the online table run in ``--rounds`` interleaved rounds (each round runs every configuration once,
+in an order rotated by one per round), so slow phases of a shared machine fall on all of them; every ratio is
+computed per round and printed as its median with the spread over the rounds. See bench/report.py for what is
+printed and how the ratios are defined.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import online as online_bench
 from bench import plan as plans
 from bench import report
 from bench.artifacts import layout, scaling_points
@@ -32,7 +35,7 @@ from bench.startup import STARTUP_RUNS, prepare_startup_cache
 ROOT = Path(__file__).resolve().parent.parent
 
 
-PARTS = ("main", "scaling", "startup", "memory", "adapters")
+PARTS = ("main", "online", "scaling", "startup", "memory", "adapters")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -40,12 +43,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", default=os.environ.get("PREFOPT_BENCH_QUICK") == "1")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every run")
     parser.add_argument(
-        "--rounds", "--repeats", type=int, default=3, help="interleaved rounds of the main table (--quick: 1)"
+        "--rounds",
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved rounds of the main and online tables (--quick: 1)",
     )
     parser.add_argument("--workdir", help="where models, data and runs go (default: a temporary dir, removed)")
     parser.add_argument("--json", help="also write every raw result to this JSON file")
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to leave out: main, scaling, startup, memory, adapters"
+        "--skip",
+        default="",
+        help="comma-separated parts to leave out: main, online, scaling, startup, memory, adapters",
     )
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed to each run")
     args = parser.parse_args(argv)
@@ -369,18 +378,20 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if plan.quick else max(1, args.rounds)
     parts = {
         "main": [main_specs(plan, where, workdir, args.threads, f"-r{r}") for r in range(rounds)],
+        "online": [online_bench.specs(plan, where, workdir, args.threads, f"-r{r}") for r in range(rounds)],
         "scaling": scaling_specs(plan, where, workdir, args.threads),
         "memory": memory_specs(plan, args.threads),
         "adapters": adapter_specs(plan, workdir, args.threads),
         "startup": startup_inprocess_specs(plan, workdir, args.threads) if plan.quick else [],
     }
     for name in skip:
-        parts[name] = [] if name != "main" else [[]]
+        parts[name] = [] if name not in ("main", "online") else [[]]
     try:
         if plan.quick:  # everything in one worker process, in this order
             flat = [
                 artifacts,
                 *parts["main"][0],
+                *parts["online"][0],
                 *parts["scaling"],
                 *parts["startup"],
                 *parts["memory"],
@@ -389,9 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             by_name = {r["name"]: r for r in runner.run_all(flat)}
             built = by_name["artifacts"]
             main = [by_name[s["name"]] for s in parts["main"][0]]
+            online = [by_name[s["name"]] for s in parts["online"][0]]
             results = {
                 "main": main,
                 "main_rounds": [main],
+                "online": online,
+                "online_rounds": [online] if online else [],
                 **{k: [by_name[s["name"]] for s in parts[k]] for k in ("scaling", "startup", "memory", "adapters")},
             }
         else:
@@ -401,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
                 results = {
                     "main": report.best_of(measured, plan.warmup_steps) if parts["main"][0] else [],
                     "main_rounds": measured if parts["main"][0] else [],
+                }
+                online = [_interleaved(runner, specs, r) for r, specs in enumerate(parts["online"])]
+                results |= {
+                    "online": report.best_online(online, plan.online_warmup) if parts["online"][0] else [],
+                    "online_rounds": online if parts["online"][0] else [],
                     "scaling": runner.run_all(parts["scaling"]),
                     "startup": startup_cli_runs(plan, where, workdir, runner) if "startup" not in skip else [],
                     "memory": runner.run_all(parts["memory"]),

@@ -47,6 +47,7 @@ def layout(workdir: Path) -> dict[str, Any]:
         "model_dir": str(workdir / "model"),
         "tokenizer_cache": str(workdir / "cache"),
         "main": files("main"),
+        "online": files("online"),
         "scaling": lambda seq, batch: files(f"scaling-{seq}-{batch}"),
     }
 
@@ -91,6 +92,38 @@ def _data_set(tokenizer, paths: dict, *, n_train: int, batch: int, steps: int, s
         "tokens_per_step": [sum(pair_tokens(i) for i in idx) for idx in steps_idx],
         "truncated": stats["truncated"],
         "lengths": [len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"])) for t in tokenized],
+    }
+
+
+def _online_prompts(tokenizer, plan: Plan, paths: dict) -> dict:
+    """The online table's prompts: the distinct prompts of the synthetic task (one row each, with its pair, as
+    ``data=local`` reads them; online training uses only the prompts), and the prompts of every step in the order
+    prefopt's sampler draws them (``ordered``: TRL's GRPOTrainer reads them in that order, unshuffled), so both sample
+    the same prompts in the same steps. Nothing is truncated (checked)."""
+    from prefopt.data import tokenize_pairs
+    from prefopt.sources import Order
+
+    rows, seen = [], set()
+    for row in _rows(64 * plan.online_batch, plan.seed + 7, plan.min_words, plan.max_words):
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    tokenized, stats = tokenize_pairs(
+        rows, tokenizer, max_length=plan.max_length, max_prompt_length=plan.max_prompt_length
+    )
+    if stats["kept"] != len(rows) or any(t["truncated"] for t in tokenized):
+        raise RuntimeError(f"online prompts: tokenization dropped or truncated rows: {stats}")
+    if len({tuple(t["prompt_ids"]) for t in tokenized}) != len(rows):
+        raise RuntimeError("online prompts: two distinct prompts tokenize the same")
+    order = Order(len(rows), plan.seed)  # as prefopt's OnlineSource draws over the distinct prompts
+    steps_idx = [order.take(plan.online_batch) for _ in range(plan.online_steps)]
+    prompt_tokens = [len(t["prompt_ids"]) for t in tokenized]
+    return {
+        "train": _write(rows, Path(paths["train"])),
+        "eval": _write(rows[: plan.online_batch], Path(paths["eval"])),
+        "ordered": _write([{"prompt": rows[i]["prompt"]} for idx in steps_idx for i in idx], Path(paths["ordered"])),
+        "prompts": len(rows),
+        "prompt_tokens": [min(prompt_tokens), max(prompt_tokens), round(sum(prompt_tokens) / len(rows), 1)],
     }
 
 
@@ -141,6 +174,7 @@ def build(plan: Plan, workdir: Path) -> dict[str, Any]:
         data.pop("lengths")
         scaling[f"{seq}x{batch}"] = {"seq": seq, "batch": batch, **data}
 
+    online = _online_prompts(tokenizer, plan, where["online"])
     main_lengths = main.pop("lengths")
     return {
         "workdir": str(workdir),
@@ -153,4 +187,5 @@ def build(plan: Plan, workdir: Path) -> dict[str, Any]:
         "main": main,
         "main_seq_lengths": [min(main_lengths), max(main_lengths), round(sum(main_lengths) / len(main_lengths))],
         "scaling": scaling,
+        "online": online,
     }

@@ -40,6 +40,18 @@ class Plan:
     # and optimizer state, not the process's libraries, decide the peak memory
     adapter_overrides: list[str] = field(default_factory=list)
     seed: int = 0
+    # the online table: GRPO (prefopt trainer=online loss=grpo vs TRL's GRPOTrainer) on the same model and prompts
+    online_batch: int = 8  # prompts per optimizer step (each gives online_k completions; no accumulation)
+    online_k: int = 4  # completions per prompt (prefopt samples_per_prompt, TRL num_generations)
+    online_max_new_tokens: int = 64  # prefopt max_new_tokens, TRL max_completion_length
+    online_warmup: int = 2  # steps excluded from the steady state
+    online_measured: int = 8
+    online_beta: float = 0.04  # the per-token KL weight: both run a reference (TRL's default 0.0 loads none)
+    online_lr: float = 1e-5
+
+    @property
+    def online_steps(self) -> int:
+        return self.online_warmup + self.online_measured
 
     @property
     def steps(self) -> int:
@@ -154,6 +166,11 @@ QUICK = Plan(
         "trainer.max_steps=3",
         "trainer.eval_every=0",
     ],
+    online_batch=2,
+    online_k=4,
+    online_max_new_tokens=8,
+    online_warmup=1,
+    online_measured=2,
 )
 
 # Configurations of the main table. "harness" settings (batch, steps, lengths, lr, data order, evaluation off) are

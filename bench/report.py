@@ -13,6 +13,10 @@ Definitions
   whose every step is one forward padded to its longest row); mpo_vs_dpo = prefopt-dpo-live step time /
   prefopt-mpo step time (> 1: MPO steps are faster); overhead_vs_bare_same_padding = 1 - prefopt-padded /
   bare-pytorch tokens/s: the trainer's own cost at the bare loop's padding (length buckets off).
+* online table (bench/online.py): prefopt's online GRPO step vs TRL's GRPOTrainer; samples/s = completions of the
+  measured steps / the sum of their step times (generation included); online_ratio_vs_trl = prefopt-grpo /
+  trl-grpo samples/s. The phases split each step's time (generate, score, logps = forwards without gradient,
+  train = the rest).
 * peak RSS is compared at equal settings too: prefopt-ckpt (gradient checkpointing) vs trl-default (TRL turns it
   on by default).
 """
@@ -51,6 +55,27 @@ def tokens_per_second(result: dict, warmup: int, pair_tokens: list[int] | None =
 def step_seconds(result: dict, warmup: int) -> float:
     seconds = _measured(result, warmup, "step_seconds")
     return statistics.fmean(seconds) if result.get("ok") and seconds else NAN
+
+
+def samples_per_second(result: dict, warmup: int) -> float:
+    seconds = _measured(result, warmup, "step_seconds")
+    if not result.get("ok") or not seconds:
+        return NAN
+    return sum(_measured(result, warmup, "samples")[: len(seconds)]) / sum(seconds)
+
+
+def best_online(rounds: list[list[dict]], warmup: int) -> list[dict]:
+    """Per online configuration, the round with the highest samples/s: the online table."""
+    best = []
+    for runs in zip(*rounds, strict=True):
+        finite = [(s, i) for i, r in enumerate(runs) if math.isfinite(s := samples_per_second(r, warmup))]
+        best.append(runs[max(finite)[1]] if finite else runs[0])
+    return best
+
+
+def online_ratios(plan, online: list[dict]) -> dict[str, float]:
+    sps = {r["name"]: samples_per_second(r, plan.online_warmup) for r in online}
+    return {"online_ratio_vs_trl": _ratio(sps.get("prefopt-grpo", NAN), sps.get("trl-grpo", NAN))}
 
 
 def best_of(rounds: list[list[dict]], warmup: int) -> list[dict]:
@@ -105,10 +130,11 @@ def ratios(plan, manifest: dict, main: list[dict]) -> dict[str, float]:
 Spread = tuple[float, float, float]  # (median, min, max) over rounds
 
 
-def ratio_spread(plan, manifest: dict, rounds: list[list[dict]]) -> dict[str, Spread]:
+def ratio_spread(plan, manifest: dict, rounds: list[list[dict]], of=None) -> dict[str, Spread]:
     """Every ratio computed within each round (configurations of one round ran back to back), then its median and
-    range over the rounds."""
-    per_round = [ratios(plan, manifest, main) for main in rounds if main]
+    range over the rounds. ``of(runs) -> {name: ratio}``: the ratios (default: the main table's)."""
+    of = of or (lambda runs: ratios(plan, manifest, runs))
+    per_round = [of(runs) for runs in rounds if runs]
     out = {}
     for key in per_round[0] if per_round else ():
         values = [r[key] for r in per_round if math.isfinite(r[key])]
@@ -119,7 +145,7 @@ def ratio_spread(plan, manifest: dict, rounds: list[list[dict]]) -> dict[str, Sp
 def render(plan, manifest: dict, results: dict[str, list[dict]], *, threads: int, repeats: int, elapsed: float) -> str:
     out: list[str] = []
     model = plan.model
-    trl_version = next((r.get("trl") for r in results["main"] if r.get("trl")), None)
+    trl_version = next((r.get("trl") for r in [*results["main"], *results.get("online", [])] if r.get("trl")), None)
     lengths = manifest["main_seq_lengths"]
     out.append(f"prefopt bench ({'quick' if plan.quick else 'full'} mode, {elapsed:.0f}s)")
     out.append(
@@ -143,6 +169,8 @@ def render(plan, manifest: dict, results: dict[str, list[dict]], *, threads: int
 
     if results["main"]:
         out += ["", *_main_table(plan, manifest, results["main"])]
+    if results.get("online"):
+        out += ["", *_online_table(plan, manifest, results["online"])]
     if results["scaling"]:
         out += ["", *_scaling_table(plan, manifest, results["scaling"])]
     if results["startup"]:
@@ -151,10 +179,19 @@ def render(plan, manifest: dict, results: dict[str, list[dict]], *, threads: int
         out += ["", *_memory_check(plan, results["memory"])]
     if results.get("adapters"):
         out += ["", *_adapter_table(plan, manifest, results["adapters"])]
+    spread: dict[str, Spread] = {}
+    counts = []
     if results["main"]:
-        spread = ratio_spread(plan, manifest, results.get("main_rounds") or [results["main"]])
+        main_rounds = results.get("main_rounds") or [results["main"]]
+        spread |= ratio_spread(plan, manifest, main_rounds)
+        counts.append(len(main_rounds))
+    if results.get("online"):
+        online_rounds = results.get("online_rounds") or [results["online"]]
+        spread |= ratio_spread(plan, manifest, online_rounds, of=lambda runs: online_ratios(plan, runs))
+        counts.append(len(online_rounds))
+    if spread:
         out += ["", ("(--quick: sizes too small to mean anything) " if plan.quick else "") + _targets(spread, results)]
-        rounds = len(results.get("main_rounds") or [results["main"]])
+        rounds = "/".join(map(str, sorted(set(counts))))
         out += [
             "",
             f"ratios, median [min, max] over {rounds} round(s): "
@@ -188,6 +225,16 @@ def _targets(values: dict[str, Spread], results: dict[str, list[dict]]) -> str:
     naive = memory.pop("logsoftmax-naive", NAN)
 
     check = verdict
+    items = []
+    if "ratio_vs_trl_default" in values:  # the main table ran
+        items += _main_targets(values, rss, memory, naive)
+    if "online_ratio_vs_trl" in values:
+        items.append(("online samples/s >= 1.5x trl-grpo", check(values["online_ratio_vs_trl"], 1.5, True)))
+    return "targets: " + "; ".join(f"{label}: {outcome}" for label, outcome in items)
+
+
+def _main_targets(values: dict[str, Spread], rss: dict, memory: dict, naive: float) -> list[tuple[str, str]]:
+    check = verdict
     items = [
         ("tokens/s >= 1.3x trl-default", check(values["ratio_vs_trl_default"], 1.3, True)),
         ("tokens/s >= 1.1x trl-best", check(values["ratio_vs_trl_best"], 1.1, True)),
@@ -208,7 +255,78 @@ def _targets(values: dict[str, Spread], results: dict[str, list[dict]]) -> str:
     if "logsoftmax-selective" in memory:  # the default chunking (the fixed-chunk row is there for comparison only)
         delta = memory["logsoftmax-selective"]
         items.append(("selective log-softmax <= 1/4 of naive memory", check(_ratio(delta, naive), 0.25, False)))
-    return "targets: " + "; ".join(f"{label}: {outcome}" for label, outcome in items)
+    return items
+
+
+def _online_table(plan, manifest: dict, online: list[dict]) -> list[str]:
+    """prefopt's online GRPO vs TRL's GRPOTrainer: samples/s, step time, the phases, and whether both did the same
+    work (completion lengths, EOS)."""
+    from bench.online import PHASES
+
+    warmup = plan.online_warmup
+    header = ["config", "generation", "samples/step", "new tok/sample", "EOS frac", "samples/s", "step s",
+              "median s", *(f"{p} s" for p in PHASES), "peak RSS MiB", "step-1 loss", "note"]  # fmt: skip
+    generation = {"prefopt-grpo": "prefopt sampler", "trl-grpo": "model.generate"}
+    rows = []
+    for r in online:
+        seconds = _measured(r, warmup, "step_seconds")
+        lengths = [v for v in _measured_any(r, warmup, "completion_length") if v is not None]
+        eos = [v for v in _measured_any(r, warmup, "eos_frac") if v is not None]
+        phases = (r.get("phases") or [])[warmup:]
+        losses = r.get("losses") or []
+        rows.append(
+            [
+                r["name"],
+                generation.get(r["name"], ""),
+                _fmt(statistics.fmean(_measured(r, warmup, "samples")) if r.get("samples") else None, ".0f"),
+                _fmt(statistics.fmean(lengths) if lengths else None, ".1f"),
+                _fmt(statistics.fmean(eos) if eos else None, ".2f"),
+                _fmt(samples_per_second(r, warmup), ".1f"),
+                _fmt(statistics.fmean(seconds) if r.get("ok") and seconds else None, ".3f"),
+                _fmt(statistics.median(seconds) if r.get("ok") and seconds else None, ".3f"),
+                *(_fmt(statistics.fmean(p[name] for p in phases) if phases else None, ".3f") for name in PHASES),
+                _fmt(r.get("peak_rss_mib"), ".0f"),
+                _fmt(losses[0] if losses else None, ".4f"),
+                _status(r),
+            ]
+        )
+    prompts = manifest.get("online", {})
+    out = [
+        f"online table: GRPO (beta {plan.online_beta}, k {plan.online_k}, max_new_tokens "
+        f"{plan.online_max_new_tokens}, temperature 1, {plan.online_batch} prompts/step of "
+        f"{_fmt_range(prompts.get('prompt_tokens'))} tokens, lr {plan.online_lr}), {plan.online_warmup} warm-up + "
+        f"{plan.online_measured} measured steps; the same prompts per step, reward function and model",
+        *_table(header, rows),
+        "phases (s/step): generate = sampling + decoding; score = the reward; logps = forwards without gradient "
+        "(reference per-token log-probs, the sampler's own policy log-probs); train = the rest (policy forward "
+        "with gradient, backward, optimizer step)",
+        "EOS: both cut a completion after its first EOS and keep the EOS in the loss; new tok/sample counts it",
+    ]
+    lengths = {
+        r["name"]: statistics.fmean(v for v in _measured_any(r, warmup, "completion_length") if v is not None)
+        for r in online
+        if r.get("ok") and any(v is not None for v in _measured_any(r, warmup, "completion_length"))
+    }
+    fingerprints = {r["name"]: r.get("prompts") for r in online if r.get("ok")}
+    if len(fingerprints) == 2:
+        (a, fa), (b, fb) = fingerprints.items()
+        same = bool(fa) and fa == fb
+        out.append(f"check: {a} and {b} sampled the same prompts in every step: {'yes' if same else 'NO'}")
+    if len(lengths) == 2:
+        (a, la), (b, lb) = lengths.items()
+        out.append(f"check: mean completion length {a} {la:.1f} vs {b} {lb:.1f} tokens ({la / lb - 1:+.1%})")
+    for r in online:
+        for note in r.get("notes") or []:
+            out.append(f"  {r['name']}: {note}")
+    return out
+
+
+def _measured_any(result: dict, warmup: int, key: str) -> list:
+    return list((result.get(key) or [])[warmup:])
+
+
+def _fmt_range(values) -> str:
+    return f"{values[0]}-{values[1]}" if values else "?"
 
 
 def _main_table(plan, manifest: dict, main: list[dict]) -> list[str]:

@@ -309,8 +309,22 @@ def _default_chunk_rows(vocab: int) -> int | None:
     return default
 
 
+def run_prefopt_online(spec: dict) -> dict:
+    from bench.online import run_prefopt_online as run
+
+    return run(spec)
+
+
+def run_trl_grpo(spec: dict) -> dict:
+    from bench.online import run_trl_grpo as run
+
+    return run(spec)
+
+
 RUNNERS = {
     "artifacts": run_artifacts,
+    "prefopt-online": run_prefopt_online,
+    "trl-grpo": run_trl_grpo,
     "prefopt": run_prefopt,
     "trl": run_trl,
     "bare": run_bare,

@@ -1,6 +1,7 @@
 """``python -m bench --quick`` end to end (tiny sizes, seconds): the tables and the ratios line are printed with
 finite numbers, and every configuration does the same work (same tokens per step; the bare loop's DPO losses equal
-prefopt's). No timing assertions."""
+prefopt's; online, the same prompts in every step and completions of the same length range). No timing
+assertions."""
 
 import importlib.util
 import json
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HAS_TRL = importlib.util.find_spec("trl") is not None
 RATIOS = re.compile(
     r"ratio_vs_trl_default=(\S+) ratio_vs_trl_best=(\S+) overhead_vs_bare=(\S+) mpo_vs_dpo=(\S+) "
-    r"overhead_vs_bare_same_padding=(\S+)"
+    r"overhead_vs_bare_same_padding=(\S+) online_ratio_vs_trl=(\S+)"
 )
 
 
@@ -43,15 +44,18 @@ def test_quick_mode_prints_the_tables_and_finite_ratios_last(quick):
     assert "FAILED" not in stdout, stdout
     match = RATIOS.fullmatch(stdout.strip().splitlines()[-1])
     assert match, stdout[-2000:]
-    values = [float(v) for v in match.groups()] if HAS_TRL else [float(v) for v in match.groups()[2:]]
+    values = [float(v) for v in match.groups()] if HAS_TRL else [float(v) for v in match.groups()[2:5]]
     assert all(math.isfinite(v) for v in values), match.group(0)
     for name in (*report.DPO_ROWS, "prefopt-mpo"):
         assert re.search(rf"^{name}\s", stdout, re.MULTILINE), name
     assert "ratios, median [min, max] over 1 round(s): ratio_vs_trl_default" in stdout
-    for title in ("main table", "scaling:", "time to first step", "selective log-softmax memory", "vs LoRA"):
+    for name in ("prefopt-grpo", "trl-grpo"):
+        assert re.search(rf"^{name}\s", stdout, re.MULTILINE), name
+    titles = ("main table", "online table", "scaling:", "time to first step", "selective log-softmax memory", "vs LoRA")
+    for title in titles:
         assert title in stdout, title
     assert len(results["scaling"]) == len(scaling_points(plans.QUICK))
-    parts = ("main", "scaling", "startup", "memory", "adapters")
+    parts = ("main", "online", "scaling", "startup", "memory", "adapters")
     assert all(r["ok"] for part in parts for r in results[part] if not r.get("missing"))
     lora = {r["name"]: r for r in results["adapters"]}
     assert lora["adapters-lora"]["trainable_params"] < lora["adapters-full"]["trainable_params"]
@@ -71,6 +75,43 @@ def test_every_dpo_configuration_forwards_the_same_tokens(quick):
         assert main["trl-best"]["logps_chosen"][0] == pytest.approx(
             main["prefopt-default"]["logps_chosen"][0], rel=1e-5
         )
+
+
+def test_online_configurations_sample_the_same_prompts_and_lengths(quick):
+    """prefopt's online GRPO and TRL's GRPOTrainer: the same prompts in every step (digests of their token ids), k
+    completions each of at most max_new_tokens tokens, every step timed and split into phases that fit in it."""
+    _, results = quick
+    plan = plans.QUICK
+    online = {r["name"]: r for r in results["online"]}
+    names = ["prefopt-grpo", *(["trl-grpo"] if HAS_TRL else [])]
+    for name in names:
+        run = online[name]
+        assert len(run["step_seconds"]) == plan.online_steps, name
+        assert run["samples"] == [plan.online_batch * plan.online_k] * plan.online_steps, name
+        assert all(1 <= n <= plan.online_max_new_tokens for n in run["completion_length"]), name
+        assert len(run["prompts"]) == plan.online_steps, name
+        for seconds, phases in zip(run["step_seconds"], run["phases"], strict=True):
+            assert set(phases) == {"generate", "score", "logps", "train"}
+            assert phases["generate"] > 0 and sum(phases.values()) == pytest.approx(seconds, rel=1e-6), name
+    if HAS_TRL:
+        assert online["prefopt-grpo"]["prompts"] == online["trl-grpo"]["prompts"]
+        assert report.online_ratios(plan, results["online"])["online_ratio_vs_trl"] > 0
+
+
+def test_skip_leaves_parts_out_and_online_runs_alone(tmp_path):
+    """``--skip`` with every part but the online one: only the online table, and the ratios line holds its ratio."""
+    skip = "main,scaling,startup,memory,adapters"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--skip", skip, "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "online table" in result.stdout and "main table" not in result.stdout and "scaling:" not in result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"online_ratio_vs_trl=\S+", last), last
 
 
 def test_the_bare_loop_computes_prefopts_dpo_loss(quick):
@@ -100,11 +141,12 @@ def test_without_trl_the_rows_say_so(quick, monkeypatch):
     assert not missing["ok"] and missing["missing"] == "TRL not installed (pip install -e .[bench])"
     main = [missing if r["name"] == "trl-default" else r for r in results["main"]]
     main = [{**missing, "name": "trl-best"} if r["name"] == "trl-best" else r for r in main]
-    results = {**results, "main": main, "main_rounds": [main]}
+    online = [{**missing, "name": "trl-grpo"} if r["name"] == "trl-grpo" else r for r in results["online"]]
+    results = {**results, "main": main, "main_rounds": [main], "online": online, "online_rounds": [online]}
     text = report.render(plans.QUICK, results["manifest"], results, threads=1, repeats=1, elapsed=1.0)
-    assert text.count("TRL not installed (pip install -e .[bench])") == 2
+    assert text.count("TRL not installed (pip install -e .[bench])") == 3
     last = RATIOS.fullmatch(text.splitlines()[-1])
-    assert last and last.group(1) == last.group(2) == "n/a"
+    assert last and last.group(1) == last.group(2) == last.group(6) == "n/a"
     assert all(math.isfinite(float(last.group(i))) for i in (3, 4, 5))
 
 
