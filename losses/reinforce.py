@@ -60,17 +60,22 @@ def reinforce_pp_advantages(
     baseline: str = "none",
     gamma: float = 1.0,
     return_sums: Tensor | None = None,
+    token_rewards: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-token advantages ``[N, T]`` (module docstring), the returns before normalisation and the per-token KL
     estimate (None when ``beta == 0``). ``return_sums``: ``(Σ m·G, Σ m·G², Σ m)`` of a larger batch this one is part
-    of, whose mean and std whiten instead of this call's."""
+    of, whose mean and std whiten instead of this call's. ``token_rewards [N, T]``: a reward per token (placed on the
+    completion's tokens, each row summing to its completion's reward) instead of ``rewards`` on the last token; with
+    ``baseline="group"`` the group's mean of ``rewards`` is still subtracted on the last token."""
     mask = completion_mask.to(old_token_logps.dtype)
     n = mask.shape[0]
     r = rewards.to(mask.dtype)
     if baseline == "group":
         if r.dim() != 2:
             raise LossError("loss 'reinforce_pp' with baseline='group' needs 'rewards' as [G, K] (K samples a prompt)")
-        r = r - r.mean(dim=1, keepdim=True)
+        r = r - r.mean(dim=1, keepdim=True) if token_rewards is None else -r.mean(dim=1, keepdim=True).expand_as(r)
+    elif token_rewards is not None:
+        r = torch.zeros_like(r)  # the whole reward is in token_rewards
     r = r.reshape(-1)
     if r.numel() != n:
         raise LossError(f"loss 'reinforce_pp': 'rewards' has {r.numel()} values for {n} completions")
@@ -82,6 +87,8 @@ def reinforce_pp_advantages(
     lengths = mask.sum(dim=1).long()
     rows = torch.arange(n, device=mask.device)[lengths > 0]
     per_token[rows, lengths[lengths > 0] - 1] += r[lengths > 0]  # the sequence reward on the last real token
+    if token_rewards is not None:
+        per_token = per_token + token_rewards.to(mask.dtype) * mask
     returns = torch.zeros_like(per_token)
     running = torch.zeros(n, dtype=mask.dtype, device=mask.device)
     for t in range(mask.shape[1] - 1, -1, -1):  # return to go; padding (after the last token) stays 0
@@ -123,6 +130,7 @@ def reinforce_pp_loss(
     ref_token_logps: Tensor | None = None,  # [N, T] the reference's (needed when beta > 0)
     return_sums: Tensor | None = None,  # [3] the step's (Σ m·G, Σ m·G², Σ m) of the returns (trainer)
     batch_tokens: Tensor | None = None,  # [] the step's completion tokens per call (trainer)
+    token_rewards: Tensor | None = None,  # [N, T] rewards per token (ALaRM's vector), instead of rewards on the last
     *,
     beta: float = 0.01,
     kl_estimator: str = "k2",
@@ -151,7 +159,7 @@ def reinforce_pp_loss(
     ref = None if ref_token_logps is None else ref_token_logps.detach().to(dtype)
     advantages, returns, kl = reinforce_pp_advantages(
         rewards.detach(), mask, old, ref, beta=beta, kl_estimator=kl_estimator, baseline=baseline, gamma=gamma,
-        return_sums=return_sums,
+        return_sums=return_sums, token_rewards=None if token_rewards is None else token_rewards.detach(),
     )  # fmt: skip
     zero = policy_token_logps.new_zeros(())
     ratio = torch.exp(torch.where(valid, policy_token_logps - old, zero))

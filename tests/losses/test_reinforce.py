@@ -96,3 +96,22 @@ def test_beta_needs_the_reference():
         losses.get("reinforce_pp")(
             policy_token_logps=torch.zeros(2, 3), completion_mask=MASK, rewards=torch.tensor([1.0, 0.0])
         )
+
+
+def test_token_rewards_replace_the_reward_on_the_last_token():
+    """Per-token rewards that sum to the sequence rewards and sit all on the last token give the same advantages as
+    the sequence rewards; spread over the tokens they change the returns to go (the group baseline still subtracts
+    the group's mean reward on the last token)."""
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=F64)
+    old = torch.zeros(4, 3, dtype=F64)
+    rewards = torch.tensor([[1.0, -1.0], [2.0, 0.5]], dtype=F64)
+    on_last = torch.tensor([[0, 0, 1.0], [0, -1.0, 0], [0, 0, 2.0], [0.5, 0, 0]], dtype=F64)
+    for baseline in ("none", "group"):
+        plain, _, _ = reinforce_pp_advantages(rewards, mask, old, None, beta=0.0, baseline=baseline)
+        placed, _, _ = reinforce_pp_advantages(
+            rewards, mask, old, None, beta=0.0, baseline=baseline, token_rewards=on_last
+        )
+        assert torch.allclose(plain, placed), baseline
+    spread = torch.tensor([[0.5, 0, 0.5], [0, -1.0, 0], [0, 0, 2.0], [0.5, 0, 0]], dtype=F64)
+    _, returns, _ = reinforce_pp_advantages(rewards, mask, old, None, beta=0.0, token_rewards=spread)
+    assert returns[0].tolist() == pytest.approx([1.0, 0.5, 0.5])  # return to go of (0.5, 0, 0.5)
