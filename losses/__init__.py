@@ -17,6 +17,9 @@ Unpaired losses (kind "unpaired", KTO's family: ``kto``, ``apo_zero_unpaired``) 
 desirable or undesirable: ``policy_logps, ref_logps, labels`` ``[N]`` and, for KTO's KL reference point, the log-probs
 of M mismatched (prompt, completion) pairs ``policy_kl_logps, ref_kl_logps`` ``[M]`` (``UNPAIRED_INPUTS``).
 
+Reward losses (kind "reward": ``bradley_terry``) train a reward model on pairs: ``chosen_scores, rejected_scores``
+``[B]``, a sequence classifier's scores, and optional per-pair ``margins`` (``REWARD_INPUTS``).
+
 Pairwise losses also take the DPO modifiers of ``losses.modifiers``, each where it fits (TRL 1.16's names): WPO's
 ``use_weighting``, LD-DPO's ``ld_alpha`` and f-DPO's ``f_divergence_type`` / ``f_alpha_divergence_coef``
 (``losses.get("dpo", ld_alpha=0.5)``); active, they add the inputs they need to the loss's requirements.
@@ -56,6 +59,7 @@ from losses.ppo import gae, masked_whiten, ppo_loss
 from losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
 from losses.registry import (
     GROUP_INPUTS,
+    REWARD_INPUTS,
     TOKEN_INPUTS,
     UNPAIRED_INPUTS,
     BoundLoss,
@@ -68,6 +72,7 @@ from losses.registry import (
     spec,
 )
 from losses.reinforce import reinforce_pp_advantages, reinforce_pp_loss
+from losses.reward_model import bradley_terry_loss
 from losses.upo import upo_loss
 
 __all__ = [
@@ -127,6 +132,8 @@ __all__ = [
     "apo_zero_unpaired_loss",
     "kl_reference_point",
     "UNPAIRED_INPUTS",
+    "bradley_terry_loss",
+    "REWARD_INPUTS",
     "alarm",
     "modifiers",
     "AlarmReward",

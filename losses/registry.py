@@ -23,6 +23,10 @@ desirable) and, for KTO's KL reference point, ``policy_kl_logps [M]`` and ``ref_
 mismatched (prompt, completion) pairs (TRL pairs each prompt of the batch with another row's completion), required
 only by the losses that use them.
 
+Reward losses (``kind="reward"``: ``bradley_terry``) train a reward model, not a policy: their inputs are one scalar
+score per (prompt, completion) from a sequence classifier (``REWARD_INPUTS``): ``chosen_scores [B]``,
+``rejected_scores [B]`` and optionally ``margins [B]`` (a per-pair margin from the data).
+
 So a trainer reads ``needs_reference``, ``extras`` and ``kind`` from ``losses.get(name).requirements`` and builds its
 batch (and skips the reference model) from that alone. Composite losses (``upo``, ``combo``) take ``**inputs`` and
 give a ``requires`` hook that derives their needs from their hyper-parameters (e.g. ``upo`` over ``simpo`` needs no
@@ -51,6 +55,7 @@ __all__ = [
     "GROUP_INPUTS",
     "TOKEN_INPUTS",
     "UNPAIRED_INPUTS",
+    "REWARD_INPUTS",
     "Requirements",
     "LossSpec",
     "BoundLoss",
@@ -86,11 +91,13 @@ TOKEN_INPUTS = (
 # kind "unpaired": [N] single labelled completions (policy_logps / ref_logps as in GROUP_INPUTS, there [G, K]) and
 # [M] mismatched (prompt, completion) pairs for KTO's KL reference point
 UNPAIRED_INPUTS = ("policy_logps", "ref_logps", "labels", "policy_kl_logps", "ref_kl_logps")
+# kind "reward": [B] a reward model's scores of each pair's chosen and rejected completion, optional per-pair margins
+REWARD_INPUTS = ("chosen_scores", "rejected_scores", "margins")
 # what a trainer passes to any loss; dropped when unused (each name once: the group and unpaired kinds share two)
-_BATCH_INPUTS = tuple(dict.fromkeys((*STANDARD_INPUTS, *GROUP_INPUTS, *TOKEN_INPUTS, *UNPAIRED_INPUTS)))
+_BATCH_INPUTS = tuple(dict.fromkeys((*STANDARD_INPUTS, *GROUP_INPUTS, *TOKEN_INPUTS, *UNPAIRED_INPUTS, *REWARD_INPUTS)))
 # the reference inputs of the group, token and unpaired kinds (the pair kind needs both of REFERENCE_INPUTS)
 _KIND_REFERENCE_INPUTS = ("ref_logps", "ref_token_logps", "ref_kl_logps")
-KINDS = ("pair", "group", "token", "unpaired")
+KINDS = ("pair", "group", "token", "unpaired", "reward")
 ENTRY_POINT_GROUP = "prefopt.losses"
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -150,7 +157,7 @@ class Requirements:
     inputs: tuple[str, ...]  # every required tensor input, standard and extra
     optional_inputs: tuple[str, ...]  # used when given
     # "pair" (chosen vs rejected), "group" (k samples per prompt), "token" (per-token, GRPO family) or "unpaired"
-    # (single completions labelled desirable / undesirable, KTO family)
+    # (single completions labelled desirable / undesirable, KTO family) or "reward" (a reward model's scores of pairs)
     kind: str
 
     @property

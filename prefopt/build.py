@@ -26,6 +26,7 @@ from prefopt import (
     critic,  # noqa: F401 - registers the 'values' provider
     models,
     prefix_reference,  # noqa: F401 - registers the 'reference_shared' provider (LD-DPO)
+    reward_model,
 )
 from prefopt.adapters import AdapterSettings, adapter_state, apply_adapters, quantization_config, read_adapter_settings
 from prefopt.cache import cache_key
@@ -36,6 +37,7 @@ from prefopt.data.synthetic import default_corpus
 from prefopt.metrics import reduce_mean
 from prefopt.providers import ProviderContext, plan
 from prefopt.reference import Reference
+from prefopt.reward_model import RewardLayout
 from prefopt.scoring import build_scorer
 from prefopt.selection import format_table, select
 from prefopt.settings import (
@@ -135,6 +137,8 @@ def build_policy(settings: Settings, device: torch.device) -> Policy:
             settings.data, policy, tokenizer, fingerprint=fingerprint, cache_dir=cache_dir, device=device
         )
         data = prepare_data(local, tokenizer, cache_dir=cache_dir)
+    if build_loss(settings.loss).requirements.kind == "reward":  # a reward model: the warm-started decoder + a head
+        policy, fingerprint = reward_model.classifier_from(policy, settings.model, fingerprint, settings.adapters)
     return Policy(tokenizer, policy, data, fingerprint, settings.adapters.kind)
 
 
@@ -181,6 +185,8 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         )  # fmt: skip
     set_seed(tcfg.seed)
     start = build_policy(settings, device)
+    if isinstance(layout, RewardLayout):  # completions are scored without the EOS the data appends
+        layout.eos_id = start.tokenizer.eos_token_id
     _check_data_kind(loss_fn, layout, start.data)
     reference = _reference(settings, loss_fn, start, device, needs_model=online or tcfg.sample_eval)
     ctx = ProviderContext(
@@ -282,6 +288,8 @@ def _layout(loss_fn: losses.BoundLoss, settings: TrainerSettings):
         )
     if kind == "token":
         return LAYOUTS[kind](settings.online.scale_rewards, width=settings.online.max_new_tokens)
+    if kind == "reward":
+        reward_model.check_reward_run(loss_fn.name, settings)  # no sampling
     return LAYOUTS[kind]()
 
 
@@ -290,7 +298,8 @@ OFFLINE_SOURCES = {"unpaired": UnpairedSource}  # layout kind -> offline batch s
 
 def _check_data_kind(loss_fn: losses.BoundLoss, layout, data: PreparedData) -> None:
     """Pairs for a pairwise loss, unpaired rows for an unpaired one (online sources sample their own)."""
-    if layout.kind not in ("pair", "unpaired") or data.kind == layout.kind:
+    wanted = "pair" if layout.kind == "reward" else layout.kind  # a reward model trains on pairs
+    if wanted not in ("pair", "unpaired") or data.kind == wanted:
         return
     if layout.kind == "unpaired":
         raise ConfigError(

@@ -17,6 +17,13 @@ def _metrics(values: Mapping[str, Any], split: str, limit: int = 12) -> list[str
     return [f"| `{split} {k}` | {v:.4g} |" for k, v in rows[:limit]]
 
 
+_REWARD_MODEL = [
+    "- **Reward model**: an `AutoModelForSequenceClassification` with one label (the score of a prompt + completion, "
+    "read at the completion's last token); score online samples with it: "
+    "`prefopt-train trainer=online reward=classifier reward.model=<this directory>`",
+]
+
+
 def model_card(resolved: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     """The Markdown card of a finished run (``resolved``: the run's whole config; ``summary``: its summary;
     its ``command`` is the ``prefopt-train`` command line that made it, None when it was started from Python)."""
@@ -56,6 +63,7 @@ def model_card(resolved: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         "parameters trained",
         f"- **Loss**: `{name}` — {spec.summary} ({spec.paper}); log-probs: {spec.aggregation}",
         f"- **Hyper-parameters**: {', '.join(f'{k}={v}' for k, v in loss.items()) or 'none'}",
+        *(_REWARD_MODEL if spec.kind == "reward" else []),
         f"- **Data**: `{source}`" + (f" ({where})" if where else "") + (f"; {counts}" if counts else ""),
         f"- **Training**: {trainer.get('source')}, {summary.get('steps')} steps of {trainer.get('batch_size')}, "
         f"lr {trainer.get('lr')} ({trainer.get('scheduler')}), seed {trainer.get('seed')}, "

@@ -3,8 +3,10 @@
 The layout is decided by the loss's kind: :class:`PairLayout` forwards chosen then rejected completions and names
 their values ``policy_chosen_logps`` ...; :class:`GroupLayout` forwards K completions per prompt and names them
 ``policy_logps`` ``[G, K]`` ...; :class:`~prefopt.unpaired.UnpairedLayout` forwards single completions labelled
-desirable or not (``policy_logps [N]``, ``labels [N]``). Everything else the loss takes comes from the run's providers
-(:mod:`prefopt.providers`). Nothing here knows a loss or an input by any other name.
+desirable or not (``policy_logps [N]``, ``labels [N]``); :class:`~prefopt.reward_model.RewardLayout` forwards
+chosen then rejected sequences through a sequence classifier (``chosen_scores``, ``rejected_scores``). Everything
+else the loss takes comes from the run's providers (:mod:`prefopt.providers`). Nothing here knows a loss or an input
+by any other name.
 
 :func:`forward_backward` runs the micro-batches of one optimizer step; :class:`NonFiniteGuard` counts skipped steps.
 """
@@ -26,6 +28,7 @@ from prefopt.batching import collate
 from prefopt.logps import sequence_logps, sequence_statistics, token_logps
 from prefopt.metrics import Averager
 from prefopt.providers import MicroBatch, Own, Provider
+from prefopt.reward_model import RewardLayout
 from prefopt.unpaired import UnpairedLayout  # also registers the 'kl_pairs' provider
 
 __all__ = [
@@ -167,7 +170,13 @@ def right_aligned(vectors: Sequence[Sequence[float]], mask: Tensor) -> Tensor:
     return out
 
 
-LAYOUTS = {"pair": PairLayout, "group": GroupLayout, "token": TokenLayout, "unpaired": UnpairedLayout}
+LAYOUTS = {
+    "pair": PairLayout,
+    "group": GroupLayout,
+    "token": TokenLayout,
+    "unpaired": UnpairedLayout,
+    "reward": RewardLayout,  # a sequence classifier's scores (trainer=reward)
+}
 
 
 @dataclass
@@ -212,7 +221,10 @@ class Step:
         tokens = int(batch.attention_mask.sum())
         batch = batch.to(self.device)
         n = len(rows)
-        if getattr(self.layout, "per_token", False):  # token losses: [N, L] values of the layout's rows
+        if hasattr(self.layout, "scores"):  # a reward model: one score per row from the classifier, no log-probs
+            logps = self.layout.scores(policy, batch)
+            inputs = self.layout.inputs(items, logps[:n], batch.lengths[:n])
+        elif getattr(self.layout, "per_token", False):  # token losses: [N, L] values of the layout's rows
             values, mask = token_logps(
                 policy, batch.input_ids, batch.attention_mask, batch.completion_mask, buckets=self.buckets
             )

@@ -12,6 +12,7 @@ Formats (detected per row, see :func:`detect_format`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,7 +48,8 @@ def to_standard(row: dict[str, Any], *, source: str, index: int, tokenizer: Any 
     """Convert and validate one row; return ``{"prompt", "chosen", "rejected"}`` as non-blank strings.
 
     ``source`` and ``index`` (0-based row within the source) only locate errors. ``tokenizer`` must have a chat
-    template for conversational rows. Extra fields are ignored. Every problem raises a one-line :class:`DataError`
+    template for conversational rows. A numeric ``margin`` is kept (reward-model training); other extra fields are
+    ignored. Every problem raises a one-line :class:`DataError`
     naming the source, the row and the field.
     """
     if not isinstance(row, dict):
@@ -62,6 +64,11 @@ def to_standard(row: dict[str, Any], *, source: str, index: int, tokenizer: Any 
     else:
         pair = _from_standard(at)
     _check_pair(at, pair)
+    margin = row.get("margin")  # optional: a per-pair margin for reward-model training (TRL's `margin` column)
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
+            raise at.error("margin", f"must be a finite number, got {margin!r}")
+        pair["margin"] = float(margin)
     return pair
 
 

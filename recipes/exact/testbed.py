@@ -52,7 +52,8 @@ KINDS = ("bt", "deterministic")
 GROUP_REASON = "group loss (k on-policy samples per prompt), not pairwise; see tests/losses/test_tabular.py"
 TOKEN_REASON = "token-level policy-gradient loss (per-token log-probs of on-policy samples), not pairwise"
 UNPAIRED_REASON = "unpaired loss (single completions labelled desirable or undesirable), not pairwise"
-SKIP_REASONS = {"group": GROUP_REASON, "token": TOKEN_REASON, "unpaired": UNPAIRED_REASON}
+REWARD_REASON = "reward-model loss (a classifier's scores of pairs), trains no policy"
+SKIP_REASONS = {"group": GROUP_REASON, "token": TOKEN_REASON, "unpaired": UNPAIRED_REASON, "reward": REWARD_REASON}
 
 
 # ---------------------------------------------------------------------------------------------------- the problem

@@ -19,6 +19,7 @@ POLICY_INPUT = {
     "group": "policy_logps",
     "token": "policy_token_logps",
     "unpaired": "policy_logps",
+    "reward": "chosen_scores",
 }
 UNPAIRED_LABELS = (True, False, True, True, False)  # B rows: unequal sides, 3 desirable and 2 undesirable
 
@@ -46,7 +47,7 @@ def _extra(name: str, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
 def make_inputs(loss: losses.BoundLoss, seed: int = 0, dtype: torch.dtype = torch.float64) -> dict:
     """Every input the loss requires or accepts, random but valid (log-probs < 0, lengths >= 1); group losses get
     ``[B, K]`` group inputs (B prompts, K samples each), token losses ``[B, T]`` per-token inputs, unpaired losses
-    ``[B]`` labelled completions (and ``[B]`` mismatched pairs)."""
+    ``[B]`` labelled completions (and ``[B]`` mismatched pairs), reward losses ``[B]`` scores."""
     gen = torch.Generator().manual_seed(seed)
     if loss.requirements.kind == "group":
         return make_group_inputs(loss, gen, dtype)
@@ -54,6 +55,8 @@ def make_inputs(loss: losses.BoundLoss, seed: int = 0, dtype: torch.dtype = torc
         return make_token_inputs(loss, gen, dtype)
     if loss.requirements.kind == "unpaired":
         return make_unpaired_inputs(loss, gen, dtype)
+    if loss.requirements.kind == "reward":
+        return make_reward_inputs(loss, gen, dtype)
     lengths = torch.randint(1, 9, (2, B), generator=gen)
     logps = -(torch.rand(4, B, generator=gen, dtype=dtype) * 1.5 + 0.1) * torch.cat([lengths, lengths]).to(dtype)
     standard = dict(
@@ -125,3 +128,16 @@ def make_unpaired_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: to
     )
     req = loss.requirements
     return {k: v for k, v in unpaired.items() if k in req.inputs or k in req.optional_inputs}
+
+
+def make_reward_inputs(loss: losses.BoundLoss, gen: torch.Generator, dtype: torch.dtype) -> dict:
+    """``chosen_scores``, ``rejected_scores`` [B] ~ N(0, 1), a reward model's scores (any sign), and ``margins`` [B]
+    in [0, 1) when the loss accepts them."""
+    scores = torch.randn(2, B, generator=gen, dtype=dtype)
+    reward = dict(
+        chosen_scores=scores[0],
+        rejected_scores=scores[1],
+        margins=torch.rand(B, generator=gen, dtype=dtype),
+    )
+    req = loss.requirements
+    return {k: v for k, v in reward.items() if k in req.inputs or k in req.optional_inputs}

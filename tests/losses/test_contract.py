@@ -17,6 +17,7 @@ PAIR_NAMES = [n for n in NAMES if KINDS[n] == "pair"]
 GROUP_NAMES = [n for n in NAMES if KINDS[n] == "group"]
 TOKEN_NAMES = [n for n in NAMES if KINDS[n] == "token"]
 UNPAIRED_NAMES = [n for n in NAMES if KINDS[n] == "unpaired"]
+REWARD_NAMES = [n for n in NAMES if KINDS[n] == "reward"]
 # TRL logs no log-prob metric from its GRPO loss; token losses are held to TRL's clip / KL metric names instead
 # (test_token_trl_metrics).
 LOGPS_METRICS = {
@@ -24,13 +25,14 @@ LOGPS_METRICS = {
     "group": ("logps/policy",),
     "token": (),
     "unpaired": ("logps/chosen", "logps/rejected"),  # TRL KTOTrainer: mean S_θ of the desirable / undesirable rows
+    "reward": (),  # a reward model's scores, not log-probs (test_reward_gradcheck, test_reward_metrics)
 }
 
 
 def test_every_loss_is_covered_by_its_kind():
-    """No loss escapes the contract: each is pairwise, group, token or unpaired, and each kind has its own checks
-    below."""
-    assert sorted(PAIR_NAMES + GROUP_NAMES + TOKEN_NAMES + UNPAIRED_NAMES) == NAMES
+    """No loss escapes the contract: each is pairwise, group, token, unpaired or reward, and each kind has its own
+    checks below."""
+    assert sorted(PAIR_NAMES + GROUP_NAMES + TOKEN_NAMES + UNPAIRED_NAMES + REWARD_NAMES) == NAMES
     assert set(KINDS.values()) <= set(POLICY_INPUT) == set(LOGPS_METRICS)
 
 
@@ -202,6 +204,30 @@ def test_unpaired_trl_metrics(name):
         assert metrics[f"logps/{side}"].item() == pytest.approx(inputs["policy_logps"][rows].mean().item(), abs=1e-12)
         one_side = {k: (v[rows] if k in ("policy_logps", "ref_logps", "labels") else v) for k, v in inputs.items()}
         assert set(loss(**one_side).metrics) == {"kl", f"rewards/{side}", f"logps/{side}", "rewards/accuracies"}
+
+
+@pytest.mark.parametrize("name", REWARD_NAMES)
+def test_reward_gradcheck(name):
+    """Analytic gradients w.r.t. both scores equal finite differences (float64); margins, data, get none."""
+    loss = _loss(name)
+    inputs = make_inputs(loss, seed=1)
+    rest = {k: v for k, v in inputs.items() if k not in ("chosen_scores", "rejected_scores")}
+
+    def fn(chosen, rejected):
+        return loss(chosen_scores=chosen, rejected_scores=rejected, **rest).loss
+
+    tensors = tuple(inputs[k].clone().requires_grad_(True) for k in ("chosen_scores", "rejected_scores"))
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", REWARD_NAMES)
+def test_reward_metrics(name):
+    """TRL RewardTrainer's ``accuracy`` / ``margin`` / ``mean_reward`` and the zoo's ``rewards/*`` names."""
+    loss = _loss(name)
+    metrics = loss(**make_inputs(loss)).metrics
+    assert {"accuracy", "margin", "mean_reward"} | {f"rewards/{k}" for k in ("chosen", "rejected")} <= set(metrics)
+    assert 0.0 <= metrics["accuracy"].item() <= 1.0
+    assert metrics["rewards/accuracies"].item() == metrics["accuracy"].item()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,7 +4,8 @@ random batches of finite float64 log-probs in [-200, -0.01], lengths in [1, 64] 
 (kind "token", the GRPO family) get [N, T] per-token batches: N in [1, 6] completions of 0..T tokens, T in [1, 8],
 per-token log-probs in [-20, -0.01] (log-ratios within ±20, where e^x stays finite in float32), advantages in
 [-10, 10]. Unpaired losses (kind "unpaired", KTO's family) get N in [1, 8] labelled completions (any mix of desirable
-and undesirable, one side possibly empty) and M in [1, 8] mismatched pairs, summed log-probs in [-200, -0.01].
+and undesirable, one side possibly empty) and M in [1, 8] mismatched pairs, summed log-probs in [-200, -0.01]. Reward
+losses (kind "reward") get B in [1, 8] pairs of a reward model's scores in [-50, 50] and margins in [0, 10].
 
 Every law is read off the formula in the loss's docstring; ``Δ = ρ_w − ρ_l``, ``ρ = S_θ − S_ref``, ``z = βΔ``.
 Tolerances are absolute 1e-9 in float64 unless a comment says why a law is exact or needs more.
@@ -37,6 +38,8 @@ EXO_EPS = st.floats(min_value=1e-6, max_value=1 - 1e-6)  # exo_pair: (0, 1)
 AUX_REWARDS = st.floats(min_value=-5.0, max_value=5.0)  # z-normalised designer rewards
 DELTAS = st.floats(min_value=1e-3, max_value=100.0)  # a positive increase of policy_chosen_logps
 REWARDS = st.floats(min_value=-10.0, max_value=10.0)  # scalar rewards of sampled completions (group losses)
+SCORES = st.floats(min_value=-50.0, max_value=50.0)  # a reward model's scores (reward losses)
+MARGINS = st.floats(min_value=0.0, max_value=10.0)  # per-pair margins from the data (reward losses)
 TOKEN_LOGPS = st.floats(min_value=-20.0, max_value=-0.01, allow_nan=False, allow_infinity=False)  # per token
 
 FAST = settings(max_examples=20, deadline=None)
@@ -127,11 +130,23 @@ def unpaired_batches(draw, max_rows: int = 8, max_pairs: int = 8) -> dict[str, t
 
 
 @st.composite
+def reward_batches(draw, max_pairs: int = 8) -> dict[str, torch.Tensor]:
+    """The reward inputs [B]: a reward model's chosen and rejected scores in [-50, 50], margins in [0, 10]."""
+    n = draw(st.integers(min_value=1, max_value=max_pairs))
+    return {
+        "chosen_scores": _column(draw, n, SCORES),
+        "rejected_scores": _column(draw, n, SCORES),
+        "margins": _column(draw, n, MARGINS),
+    }
+
+
+@st.composite
 def inputs_for(draw, loss: losses.BoundLoss) -> dict[str, torch.Tensor]:
     """Every input the bound loss requires or accepts (the way ``tests/losses/_inputs.make_inputs`` builds them)."""
     req = loss.requirements
-    if req.kind in ("group", "token", "unpaired"):
-        batch = draw({"group": groups, "token": token_batches, "unpaired": unpaired_batches}[req.kind]())
+    if req.kind in ("group", "token", "unpaired", "reward"):
+        strategies = {"group": groups, "token": token_batches, "unpaired": unpaired_batches, "reward": reward_batches}
+        batch = draw(strategies[req.kind]())
         return {k: v for k, v in batch.items() if k in req.inputs or k in req.optional_inputs}
     batch = draw(batches())
     wanted = set(req.inputs) | set(req.optional_inputs)
@@ -227,9 +242,12 @@ def test_finite_inputs_give_finite_outputs(name, data):
         return
     assert torch.isfinite(out.loss), out.loss
     assert torch.isfinite(out.per_example).all(), out.per_example
-    key = {"group": "policy_logps", "token": "policy_token_logps", "unpaired": "policy_logps"}.get(
-        loss.requirements.kind, "policy_chosen_logps"
-    )
+    key = {
+        "group": "policy_logps",
+        "token": "policy_token_logps",
+        "unpaired": "policy_logps",
+        "reward": "chosen_scores",
+    }.get(loss.requirements.kind, "policy_chosen_logps")
     rows = inputs[key].shape[:1]
     # one value per pair, per prompt for a group loss, per completion for a token or unpaired loss
     assert out.per_example.shape == rows

@@ -41,16 +41,18 @@ GROUP_NAMES = {"rloo"}  # k sampled completions per prompt
 # per-token losses: the GRPO family and REINFORCE++
 TOKEN_NAMES = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo", "reinforce_pp", "ppo"}
 UNPAIRED_NAMES = {"kto", "apo_zero_unpaired"}  # single labelled completions, KTO's family
+REWARD_NAMES = {"bradley_terry"}  # a reward model's scores of pairs (trainer=reward)
 
 
 def test_available_is_sorted_and_complete():
     names = losses.available()
     assert names == sorted(names)
-    assert set(names) == ISSUE_NAMES | GROUP_NAMES | TOKEN_NAMES | UNPAIRED_NAMES
+    assert set(names) == ISSUE_NAMES | GROUP_NAMES | TOKEN_NAMES | UNPAIRED_NAMES | REWARD_NAMES
     assert {n for n in names if losses.spec(n).kind == "group"} == GROUP_NAMES
     assert {n for n in names if losses.spec(n).kind == "token"} == TOKEN_NAMES
     assert {n for n in names if losses.spec(n).kind == "unpaired"} == UNPAIRED_NAMES
-    assert registry.KINDS == ("pair", "group", "token", "unpaired")
+    assert {n for n in names if losses.spec(n).kind == "reward"} == REWARD_NAMES
+    assert registry.KINDS == ("pair", "group", "token", "unpaired", "reward")
 
 
 def test_unknown_name_lists_valid_ones():
@@ -211,9 +213,10 @@ def test_reinforce_pp_declaration():
     assert req.kind == "token" and req.needs_reference
     assert req.inputs == ("policy_token_logps", "completion_mask", "rewards", "ref_token_logps")
     step = ("return_sums", "batch_tokens")  # the step's totals a trainer passes when it splits the batch
-    assert req.optional_inputs == ("old_token_logps", *step) and req.optional_extras == ("return_sums",)
+    optional = ("old_token_logps", *step, "token_rewards")
+    assert req.optional_inputs == optional and req.optional_extras == ("return_sums", "token_rewards")
     free = losses.get("reinforce_pp", beta=0.0).requirements
-    assert not free.needs_reference and free.optional_inputs == ("old_token_logps", "ref_token_logps", *step)
+    assert not free.needs_reference and free.optional_inputs == ("old_token_logps", "ref_token_logps", *optional[1:])
     assert losses.spec("reinforce_pp").step_sums == ("return_sums",)
 
 
