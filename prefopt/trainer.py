@@ -131,7 +131,11 @@ def start_trackers(run: Run) -> None:
     run.accelerator.init_trackers(
         tcfg.project,
         config=flat_config(run.settings.resolved),
-        init_kwargs={"wandb": {"name": name, "dir": str(run.run_dir)}, "mlflow": {"run_name": name}},
+        init_kwargs={
+            "wandb": {"name": name, "dir": str(run.run_dir)},
+            "mlflow": {"run_name": name},
+            "trackio": {"name": name},
+        },
     )
 
 

@@ -59,6 +59,27 @@ def test_wandb_offline_writes_its_run_dir(tmp_path, cache_dir, monkeypatch):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def test_trackio_records_the_config_and_every_metric_locally(tmp_path, cache_dir, monkeypatch):
+    """trackio (local-first: a SQLite file under TRACKIO_DIR, nothing uploaded without a Space)."""
+    pytest.importorskip("trackio")
+    import sqlite3
+    import sys
+
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    for name, module in list(sys.modules.items()):  # trackio reads TRACKIO_DIR once, when first imported
+        if name.startswith("trackio") and hasattr(module, "TRACKIO_DIR"):
+            monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
+    summary = run(tmp_path, cache_dir, "trainer.report_to=[trackio]", "trainer.max_steps=2", "trainer.eval_every=2")
+    database = sqlite3.connect(tmp_path / "trackio" / "prefopt.db")
+    rows = database.execute("select run_name, step, metrics from metrics order by id").fetchall()
+    assert {name for name, _, _ in rows} == {"run"}
+    logged = [(step, json.loads(metrics)) for _, step, metrics in rows]
+    assert [step for step, values in logged if "loss" in values] == [1, 2]
+    assert {k for _, values in logged for k in values} == _logged(summary)
+    [(config,)] = database.execute("select config from configs").fetchall()
+    assert json.loads(config)["loss.name"] == "dpo"
+
+
 def test_no_tracker_and_a_single_name(tmp_path, cache_dir):
     summary = run(tmp_path, cache_dir, "trainer.report_to=[]", "trainer.max_steps=1", name="none")
     assert not (Path(summary["run_dir"]) / "tensorboard").exists()
