@@ -398,6 +398,8 @@ class OnlineSource:
             }
             if sampled.get("policy_token_logps") is not None:  # the sampling policy's per-token values
                 group["old_token_logps"] = [sampled["policy_token_logps"][i] for i in rows]
+            if sampled.get("old_values") is not None:  # a value head's values at sampling time (ppo)
+                group["old_values"] = [sampled["old_values"][i] for i in rows]
             tokens = sampled["scores"].tokens
             if tokens is not None and self.kind == "token":  # per-token rewards (ALaRM's token vector)
                 shaping = (sampled["rewards"] - sampled["scores"].total.double()).tolist()
