@@ -189,6 +189,7 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         layout.eos_id = start.tokenizer.eos_token_id
     _check_data_kind(loss_fn, layout, start.data)
     reference = _reference(settings, loss_fn, start, device, needs_model=online or tcfg.sample_eval)
+    _check_sync(settings, loss_fn, reference)
     ctx = ProviderContext(
         loss=loss_fn,
         policy=start.model,
@@ -253,6 +254,25 @@ def build(cfg: Any, run_dir: str | Path) -> Run:
         settings, run_dir, accelerator, loss_fn, start.tokenizer, policy, start.data, reference, providers, source,
         step, evaluation, optimizer, scheduler, summary,
     )  # fmt: skip
+
+
+def _check_sync(settings: Settings, loss_fn: losses.BoundLoss, reference: Reference | None) -> None:
+    """``reference.sync`` moves the reference model: it needs one the loss uses, live, and not the policy itself."""
+    if not settings.reference.sync.every:
+        return
+    if reference is None or not loss_fn.requirements.needs_reference:
+        raise ConfigError(f"reference.sync: loss '{loss_fn.name}' uses no reference model to move")
+    if not reference.is_live:
+        raise ConfigError(
+            "reference.sync moves the reference during training, so it cannot be a precomputed table: "
+            "set reference.mode=live"
+        )
+    if reference.adapter_off:
+        raise ConfigError(
+            "reference.sync: with a fresh LoRA adapter the reference is the base model under the adapter, which "
+            "training never moves; start from a trained adapter (model.adapter=PATH: its reference is a copy) or "
+            "train without LoRA"
+        )
 
 
 def _layout(loss_fn: losses.BoundLoss, settings: TrainerSettings):
