@@ -21,7 +21,7 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-# prefopt vs TRL's DPOTrainer vs a bare PyTorch loop, side by side: 3 interleaved rounds (~17 min on 2 CPU cores;
+# prefopt vs TRL's DPOTrainer and GRPOTrainer vs a bare PyTorch loop, side by side: 3 interleaved rounds (~22 min on 2 CPU cores;
 # BENCH_ARGS="--rounds 5"; BENCH_ARGS=--quick for a seconds-long smoke run). TRL rows need the [bench] extra.
 bench:
 	$(PYTHON) -m bench $(BENCH_ARGS)
