@@ -62,7 +62,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def _hparam_text(loss: losses.BoundLoss) -> str:
     """Every hyper-parameter of the bound loss (None omitted; a mapping of weights as ``w·name+...``)."""
     shown = {}
+    modifiers = loss.spec.modifier_hparams  # WPO / LD-DPO / f-DPO: shown only when switched on
     for key, value in loss.hparams.items():
+        if key in modifiers and value == modifiers[key]:
+            continue
         if isinstance(value, Mapping):
             value = "+".join(f"{w:g}·{n}" for n, w in value.items())
         if value is not None:
@@ -72,7 +75,7 @@ def _hparam_text(loss: losses.BoundLoss) -> str:
 
 def _label(loss: losses.BoundLoss) -> str:
     """A short name for a run: the loss with β and the hyper-parameters not at their registered defaults."""
-    defaults = loss.spec.hparams
+    defaults = {**loss.spec.modifier_hparams, **loss.spec.hparams}
     changed = {k: v for k, v in loss.hparams.items() if k == "beta" or v != defaults.get(k)}
     text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items())
     return f"{loss.name} ({text})" if text else loss.name
