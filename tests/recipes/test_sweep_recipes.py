@@ -94,12 +94,14 @@ def test_a_method_with_its_own_beta_grid(tmp_path, monkeypatch):
 
 
 def test_alarm_recipe_sweeps_the_aspect_weight_and_plots_the_gate(tmp_path):
-    """The ALaRM recipe's methods differ only in ``reward.mode``; its swept parameter is the aspect weight, and the
-    comparison draws the gate's open fraction over training."""
+    """The ALaRM recipe's rloo methods differ only in ``reward.mode`` (hierarchical_ppo: the hierarchical mode with
+    ppo); its swept parameter is the aspect weight, and the comparison draws the gate's open fraction over
+    training."""
     cfg = recipe("alarm", tmp_path)
     for method in cfg.methods:
         composed = prefopt.compose(run_overrides(cfg, method, 7.0, 0))
-        assert composed.reward.mode == method and composed.loss.name == "rloo"
+        mode, loss = ("hierarchical", "ppo") if method == "hierarchical_ppo" else (method, "rloo")
+        assert composed.reward.mode == mode and composed.loss.name == loss
         assert dict(composed.reward.weights) == {"readability": 7.0}
         assert list(composed.reward.aspects) == ["readability"]
         assert composed.reward.threshold == 0.0 and composed.trainer.source == "online"
