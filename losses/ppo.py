@@ -56,21 +56,20 @@ import torch
 from torch import Tensor
 
 from losses._common import LossError, LossOutput, MissingInputError
+from losses.grpo import _masked_mean
 from losses.registry import non_negative, one_of, optional, positive, register, required_if
 
 __all__ = ["ppo_loss", "gae", "masked_whiten", "moment_sums"]
 
 
 def _kl(d: Tensor, estimator: str) -> Tensor:
+    """Schulman's estimators of KL(π_old‖π_ref) from ``d = log π_old − log π_ref`` at tokens sampled from π_old:
+    k1 = d, k2 = d²/2, k3 = e^{−d} − 1 + d (OpenRLHF's ``compute_approx_kl``, without its ±10 clamp)."""
     if estimator == "k1":
         return d
     if estimator == "k2":
         return d.square() / 2
     return torch.expm1(-d) + d
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 @torch.no_grad()

@@ -34,18 +34,10 @@ from torch import Tensor
 
 from losses._common import LossError, LossOutput, MissingInputError
 from losses.grpo import _CLIP_CHECKS, _clipped, _masked_mean, _per_sequence_extreme
-from losses.ppo import moment_sums
+from losses.ppo import _kl, moment_sums
 from losses.registry import non_negative, one_of, register, required_if
 
 __all__ = ["reinforce_pp_loss", "reinforce_pp_advantages"]
-
-
-def _kl(d: Tensor, estimator: str) -> Tensor:
-    if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return d.square() / 2
-    return torch.expm1(-d) + d
 
 
 @torch.no_grad()
