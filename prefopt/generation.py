@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from prefopt.decoding import LeanDecoder, lean_decoder
 from prefopt.logps import is_sharded
 
 __all__ = ["sample_completions", "sample_groups", "decode_completions"]
@@ -172,7 +173,16 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torc
         remove = cumulative <= (1 - top_p)
         remove[..., -1:] = False
         scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+    return _draw(scores.softmax(dim=-1))
+
+
+def _draw(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``probs`` [B, V], drawn by inverting each row's CDF at a uniform draw: the distribution
+    of ``torch.multinomial(probs, 1)`` from one uniform per row (multinomial draws one exponential per entry, most
+    of a small model's sampling time). Zero-probability entries are never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def _decode(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: int, temperature, top_p, device):
@@ -195,7 +205,10 @@ def _decode(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: 
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{name: cache}
     )
     rows = len(prompts) * k
-    _preallocate(cache, k, width + max_new_tokens)
+    length = width + max_new_tokens
+    lean = LeanDecoder(model, cache, k, length, mask) if lean_decoder(model, length) else None
+    if lean is None:
+        _preallocate(cache, k, length)
     logits = out.logits[:, -1].float().repeat_interleave(k, dim=0)
     attention = torch.zeros((rows, width + max_new_tokens), dtype=mask.dtype, device=device)
     attention[:, :width] = mask.repeat_interleave(k, dim=0)
@@ -218,20 +231,23 @@ def _decode(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: 
             break
         if remaining * 4 <= len(running) * 3:  # finished rows leave the batch once they are a quarter of it
             keep = running.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            lean.select(keep) if lean is not None else cache.batch_select_indices(keep)
             active, new, attention, position = active[keep], new[keep], attention[keep], position[keep]
             running = running[keep]
         new = new.masked_fill(~running, pad)  # finished rows still in the batch are fed padding (model.generate)
-        attention[:, width + t] = 1
-        out = model(
-            input_ids=new[:, None],
-            attention_mask=attention[:, : width + t + 1],
-            position_ids=position,
-            use_cache=True,
-            **{name: cache},
-        )
+        if lean is not None:
+            logits = lean.step(new, position).float()
+        else:
+            attention[:, width + t] = 1
+            out = model(
+                input_ids=new[:, None],
+                attention_mask=attention[:, : width + t + 1],
+                position_ids=position,
+                use_cache=True,
+                **{name: cache},
+            )
+            logits = out.logits[:, -1].float()
         position = position + 1
-        logits = out.logits[:, -1].float()
     tokens, token_logps, lengths = tokens.cpu().tolist(), token_logps.cpu().tolist(), lengths.tolist()
     return (
         [row[:n] for row, n in zip(tokens, lengths, strict=True)],
