@@ -1,15 +1,17 @@
 """A lean decoding step for the Llama family (Llama, Mistral, Qwen2, Qwen3): one new token per row through the
 model's own modules, without the transformers forward's per-call machinery.
 
-``model(...)`` per decoded token spends most of a small model's time outside its matrix products: the attention
+``model(...)`` per decoded token spends much of a small model's time outside its matrix products: the attention
 mask rebuilt from the 2-D mask at every step, the cache object's bookkeeping, SDPA's CPU kernel on a one-token query
 (and a copy of the non-contiguous cache view it is given), output dataclasses. :class:`LeanDecoder` keeps what the
 step needs between tokens instead: the KV cache in contiguous buffers of the final length (the prompt's cache
-repeated k times into them), an additive attention bias kept up to date one column per token, and — where the
-projections are plain ``nn.Linear`` — q/k/v and gate/up fused into one matrix product each (weights concatenated
-once per generation, so they are the current policy's). LoRA layers, norms, the rotary embedding and the head are
-the model's own modules, called as its forward calls them, so the logits equal the forward's (tested against it,
-teacher-forced, for every family here, with and without LoRA).
+repeated k times into them), an additive attention mask kept up to date one column per token, and — where the
+projections are plain ``nn.Linear`` without hooks — q/k/v and gate/up fused into one matrix product each (weights
+concatenated once per generation, so they are the current policy's), packed for MKL's GEMM on CPU (the same products,
+faster at a decoding batch's few rows). LoRA layers, the embedding, the rotary embedding and any module with hooks
+are called as the model's forward calls them; the fp32 RMSNorms of these families are torch's ``rms_norm`` (the same
+function). The logits equal the forward's (tested against it, teacher-forced, for every family here, with LoRA, with
+rows leaving the batch).
 
 :func:`lean_decoder` says whether a model is one this reproduces; anything else (other architectures, sliding
 windows shorter than the generation, sharded or partitioned parameters) decodes through ``model(...)``.
@@ -66,7 +68,8 @@ class _Projection:
     def __init__(self, modules, rows: int):
         self.modules = modules
         self.sizes = [m.out_features for m in modules] if all(hasattr(m, "out_features") for m in modules) else None
-        plain = all(type(m) is nn.Linear for m in modules) and len({m.bias is None for m in modules}) == 1
+        plain = all(type(m) is nn.Linear and not _hooked(m) for m in modules)
+        plain = plain and len({m.bias is None for m in modules}) == 1
         self.weight = self.bias = self.packed = None
         if not plain:
             return
@@ -91,6 +94,14 @@ class _Projection:
         """Pack for ``rows``-row inputs (after rows leave the batch)."""
         if self.packed is not None:
             self.rows, self.packed = rows, _pack(self.weight, rows)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones) that a direct matrix product would skip."""
+    from torch.nn.modules import module as module_globals
+
+    own = module._forward_hooks or module._forward_pre_hooks
+    return bool(own or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
 
 
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -204,7 +215,9 @@ _RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 def _rms_eps(norm, dtype) -> float | None:
     """The epsilon to call torch's rms_norm with for ``norm``, or None to call the module itself."""
-    if type(norm).__name__ not in _RMS_NORMS or dtype != torch.float32 or norm.weight.dtype != torch.float32:
+    if type(norm).__name__ not in _RMS_NORMS or _hooked(norm):
+        return None
+    if dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return None
     return norm.variance_epsilon
 

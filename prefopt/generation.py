@@ -11,14 +11,13 @@ sampled tokens read off the decoding logits (no second forward). :func:`sample_c
 
 from __future__ import annotations
 
-import inspect
 import types
 from collections.abc import Sequence
 
 import torch
 
 from prefopt.decoding import LeanDecoder, lean_decoder
-from prefopt.logps import is_sharded
+from prefopt.logps import cache_argument, is_sharded
 
 __all__ = ["sample_completions", "sample_groups", "decode_completions"]
 
@@ -155,17 +154,16 @@ def _plain_generation_config(model) -> bool:
     return all(getattr(config, key, default) in (default, None) for key, default in _UNSUPPORTED_GENERATION.items())
 
 
-def _cache_argument(model) -> str:
-    """The forward's name for the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def _next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, log_probs: torch.Tensor | None = None
+) -> torch.Tensor:
     """One sampled token per row from fp32 ``logits`` [B, V], as ``model.generate`` samples (temperature, then
-    top-p keeping at least one token, then a multinomial draw); greedy when ``temperature`` is 0."""
+    top-p keeping at least one token, then a draw from the softmax); greedy when ``temperature`` is 0.
+    ``log_probs``: ``log_softmax(logits)`` when the caller has it (temperature 1 and top-p 1 then draw from it)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    if log_probs is not None and temperature == 1.0 and top_p >= 1.0:
+        return _draw(log_probs.exp())
     scores = logits / temperature if temperature != 1.0 else logits
     if top_p < 1.0:
         ordered, order = torch.sort(scores, descending=False)
@@ -200,7 +198,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: 
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    name = _cache_argument(model)
+    name = cache_argument(model)
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{name: cache}
     )
@@ -216,24 +214,33 @@ def _decode(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: 
     tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
     token_logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
-    active = torch.arange(rows, device=device)  # the rows of `tokens` that the decoding batch holds, in order
+    active = None  # the rows of `tokens` that the decoding batch holds, in order (None: all of them)
     running = torch.ones(rows, dtype=torch.bool, device=device)  # per batch row: no EOS yet
+    finish = lengths.clone()  # per batch row: its length once it has produced EOS
     for t in range(max_new_tokens):
-        new = _next_tokens(logits, temperature, top_p)
-        values = torch.log_softmax(logits, dim=-1).gather(1, new[:, None]).squeeze(1)
-        rows_now = active[running]
-        tokens[rows_now, t], token_logps[rows_now, t] = new[running], values[running]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        new = _next_tokens(logits, temperature, top_p, log_probs)
+        values = log_probs.gather(1, new[:, None]).squeeze(1)
+        # every batch row's token is written; a finished row's tokens after its EOS are cut by its length
+        if active is None:
+            tokens[:, t], token_logps[:, t] = new, values
+        else:
+            tokens[active, t], token_logps[active, t] = new, values
         ended = running & (new == eos)
-        lengths[active[ended]] = t + 1
+        finish = finish.masked_fill(ended, t + 1)
         running = running & ~ended
         remaining = int(running.sum())
         if remaining == 0 or t + 1 == max_new_tokens:
             break
         if remaining * 4 <= len(running) * 3:  # finished rows leave the batch once they are a quarter of it
             keep = running.nonzero().squeeze(1)
+            if active is None:
+                lengths, active = finish, torch.arange(rows, device=device)
+            else:
+                lengths[active] = finish
             lean.select(keep) if lean is not None else cache.batch_select_indices(keep)
             active, new, attention, position = active[keep], new[keep], attention[keep], position[keep]
-            running = running[keep]
+            running, finish = running[keep], finish[keep]
         new = new.masked_fill(~running, pad)  # finished rows still in the batch are fed padding (model.generate)
         if lean is not None:
             logits = lean.step(new, position).float()
@@ -248,6 +255,10 @@ def _decode(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: 
             )
             logits = out.logits[:, -1].float()
         position = position + 1
+    if active is None:
+        lengths = finish
+    else:
+        lengths[active] = finish
     tokens, token_logps, lengths = tokens.cpu().tolist(), token_logps.cpu().tolist(), lengths.tolist()
     return (
         [row[:n] for row, n in zip(tokens, lengths, strict=True)],

@@ -15,9 +15,18 @@ overhead). The result is the same per row (attention is masked, positions are un
 rounding of the matrix products may differ; all groups' hidden states then go through one selective log-softmax.
 Where the logits are small (vocabulary x target tokens <= 4M elements, 16 MiB) they are kept for backward instead of
 recomputed under checkpointing.
+
+Shared prompts: rows that share a prompt (an online group's k samples, a pair's chosen and rejected) compute it k
+times in a row-wise forward. With buckets on, such rows run their distinct prompts once (one forward, KV cache kept,
+with gradient) and then their completions, in length buckets, as continuations of their own prompt's cache: the
+same positions and masks, so the same values up to the matrix products' rounding; gradients reach the prompt through
+its cache. Chosen where it computes fewer tokens (padding included, plus the per-forward overhead) than the rows'
+own buckets, and where the cache can carry a prompt: full-attention layers, no gradient checkpointing in a backward.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import torch
@@ -114,6 +123,12 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _plain_head(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     scaled = any(getattr(config, key, None) not in (None, 1.0) for key in ("final_logit_softcapping", "logit_scale"))
@@ -136,17 +151,21 @@ def _completion_logps(
     if hasattr(model, "get_base_model") and not sharded:  # a peft model: its base runs the injected adapter layers
         model = model.get_base_model()
     n_rows = input_ids.shape[0]
-    groups: list[list[int] | None] = [None]  # None: the whole padded batch
-    if buckets is not False and n_rows > 1 and not sharded:  # sharded: every process runs the same forwards
-        lengths = attention_mask.sum(dim=1)
-        columns = torch.arange(input_ids.shape[1], device=lengths.device)
-        if bool((attention_mask.bool() == (columns < lengths[:, None])).all()):  # cutting columns needs right padding
-            overhead = bucket_overhead(input_ids.device) if buckets is True else int(buckets)
-            lengths = lengths.tolist()
-            groups = plan_buckets(lengths, overhead)
     plain = not sharded and _plain_head(model)  # FSDP's hooks gather parameters only in the root's own forward
     backbone = getattr(model, model.base_model_prefix) if plain else model
+    groups: list[list[int] | None] = [None]  # None: the whole padded batch
     states, targets, rows, places = [], [], [], []
+    if buckets is not False and n_rows > 1 and not sharded:  # sharded: every process runs the same forwards
+        overhead = bucket_overhead(input_ids.device) if buckets is True else int(buckets)
+        shared = _shared_prompts(model, input_ids, attention_mask, completion_mask, overhead)
+        lengths = attention_mask.sum(dim=1)
+        columns = torch.arange(input_ids.shape[1], device=lengths.device)
+        if shared is not None:  # rows sharing a prompt: it runs once, the completions continue from its cache
+            groups = []
+            states, targets, rows, places = _shared_prompt_forwards(backbone, plain, input_ids, shared, overhead)
+        elif bool((attention_mask.bool() == (columns < lengths[:, None])).all()):  # cutting columns: right padding
+            lengths = lengths.tolist()
+            groups = plan_buckets(lengths, overhead)
     for group in groups:
         if group is None:
             ids, attention, completion, index = input_ids, attention_mask, completion_mask, None
@@ -171,6 +190,108 @@ def _completion_logps(
         values, sum_sq = selective_log_softmax(_cat(states), _cat(targets), head, chunk_size, log_sum_sq=True)
         return values, _cat(rows), _cat(places), sum_sq
     return selective_log_softmax(_cat(states), _cat(targets), head, chunk_size), _cat(rows), _cat(places), None
+
+
+def _shared_prompts(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, overhead: int):
+    """``(prompt_of_row [N], starts [N], ends [N], prompt_rows [P])`` when rows share prompts and running each
+    distinct prompt once, then the completions in length buckets, computes fewer tokens (padding included, plus
+    ``overhead`` per forward) than the rows' own length buckets, else None. ``starts``: each row's prompt length
+    (its first completion column), ``ends``: its length; ``prompt_rows``: one row holding each distinct prompt.
+    Needs right padding, a completion right after the prompt (up to the row's end), a non-empty prompt, a cache
+    made of full-attention layers and no gradient checkpointing in a backward (it drops the cache)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers before is_activation_checkpointing
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if torch.is_grad_enabled() and checkpointing:
+        return None
+    n, width = input_ids.shape
+    columns = torch.arange(width, device=input_ids.device)
+    ends = attention_mask.sum(dim=1)
+    starts = completion_mask.int().argmax(dim=1)
+    expected = (columns >= starts[:, None]) & (columns < ends[:, None])
+    if not bool((attention_mask.bool() == (columns < ends[:, None])).all()) or not bool(
+        (completion_mask.bool() == expected).all() and (starts > 0).all() and (ends > starts).all()
+    ):
+        return None
+    ids, start_list = input_ids.cpu().numpy(), starts.tolist()
+    distinct: dict[bytes, int] = {}
+    prompt_of, prompt_rows = [], []
+    for row, start in enumerate(start_list):
+        index = distinct.setdefault(ids[row, :start].tobytes(), len(distinct))
+        if index == len(prompt_rows):
+            prompt_rows.append(row)
+        prompt_of.append(index)
+    # padded tokens computed, plus the overhead per forward: the prompts once then the completions' buckets, against
+    # the whole rows' buckets
+    prompt_cost = len(prompt_rows) * max(start_list[row] for row in prompt_rows) + overhead
+    shared_cost = prompt_cost + _buckets_cost((ends - starts).tolist(), overhead)
+    if shared_cost >= _buckets_cost(ends.tolist(), overhead) or not _full_attention_cache(model):
+        return None
+    device = input_ids.device
+    return torch.tensor(prompt_of, device=device), starts, ends, torch.tensor(prompt_rows, device=device)
+
+
+def _buckets_cost(lengths: list[int], overhead: int) -> int:
+    """Padded tokens plus ``overhead`` per forward of :func:`plan_buckets`' partition of ``lengths``."""
+    groups = plan_buckets(lengths, overhead)
+    return sum(len(group) * max(lengths[i] for i in group) + overhead for group in groups)
+
+
+def _full_attention_cache(model) -> bool:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+    except Exception:  # a config the cache cannot be built from
+        return False
+
+
+def _shared_prompt_forwards(backbone, plain: bool, input_ids: Tensor, shared, overhead: int):
+    """Each distinct prompt's forward once (its KV cache), then each length bucket of completions as a
+    continuation of its rows' prompt caches: the same hidden states as the full rows' forward (positions and masks
+    unchanged), with the prompt computed once per group of rows. Returns the per-token (states, targets, rows,
+    places) lists of :func:`_completion_logps`."""
+    from transformers import DynamicCache
+
+    prompt_of, starts, ends, prompt_rows = shared
+    device, name = input_ids.device, cache_argument(backbone)
+    prompt_lengths = starts[prompt_rows]
+    width = int(prompt_lengths.max())
+    prompt_mask = (torch.arange(width, device=device) < prompt_lengths[:, None]).long()
+    cache = DynamicCache(config=backbone.config)
+    out = backbone(input_ids=input_ids[prompt_rows, :width], attention_mask=prompt_mask, **{name: cache})
+    prompt_hidden = out.last_hidden_state if plain else out.logits  # [P, width, ·]
+    first = prompt_hidden[prompt_of, starts - 1]  # each row's last prompt state: predicts its first completion token
+    prompt_states = [(layer.keys, layer.values) for layer in cache.layers]
+    lengths = (ends - starts).tolist()
+    states, targets, rows, places = [], [], [], []
+    for group in plan_buckets(lengths, overhead):
+        index = torch.tensor(group, device=device)
+        span = max(lengths[i] for i in group)
+        steps = torch.arange(span, device=device)
+        inside = steps < (ends - starts)[index, None]  # [n, span] real completion tokens
+        columns = (starts[index, None] + steps).clamp(max=input_ids.shape[1] - 1)
+        ids = input_ids[index[:, None], columns]
+        continued = DynamicCache(config=backbone.config)
+        for layer, (keys, values) in enumerate(prompt_states):
+            continued.update(keys[prompt_of[index]], values[prompt_of[index]], layer)
+        out = backbone(
+            input_ids=ids,
+            attention_mask=torch.cat([prompt_mask[prompt_of[index]], inside.long()], dim=1),
+            position_ids=starts[index, None] + steps,
+            **{name: continued},
+        )
+        hidden = out.last_hidden_state if plain else out.logits  # [n, span, ·]: position j predicts token j + 1
+        predictors = torch.cat([first[index, None], hidden[:, :-1]], dim=1)
+        states.append(predictors[inside])
+        targets.append(ids[inside])
+        rows.append(index[:, None].expand_as(inside)[inside])
+        places.append(steps.expand_as(inside)[inside])
+    return states, targets, rows, places
 
 
 def sequence_logps(

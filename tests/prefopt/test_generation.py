@@ -144,3 +144,25 @@ def test_draw_is_distributed_as_the_probabilities():
     chi2 = float(((counts[probs > 0] - expected) ** 2 / expected).sum())
     assert chi2 < 16.27  # chi-square, 3 degrees of freedom, p = 0.001
     assert math.isclose(float(counts.sum()), 20000)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
+def test_lean_and_forward_paths_sample_the_same_with_rows_finishing_early(monkeypatch, temperature, top_p):
+    """EOS made likely (a third of the mass), so rows finish and leave the decoding batch: the lean step and
+    ``model(...)`` decode the same completions from the same seed, each cut after its EOS, with the model's
+    log-probs."""
+    import prefopt.generation as generation
+
+    model = _model("llama")
+    eos_bias = torch.nn.functional.one_hot(torch.tensor(_Tokenizer.eos_token_id), model.config.vocab_size) * 3.0
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out + eos_bias)  # the lean step keeps hooks
+    kwargs = dict(max_new_tokens=12, temperature=temperature, top_p=top_p, seed=5)
+    lean, lean_logps = sample_groups(model, _Tokenizer, PROMPTS, 4, **kwargs)
+    monkeypatch.setattr(generation, "lean_decoder", lambda *a: False)
+    plain, plain_logps = sample_groups(model, _Tokenizer, PROMPTS, 4, **kwargs)
+    assert lean == plain
+    assert sum(len(c) < 12 for c in lean) >= 6  # rows did finish early (and so left the batch)
+    for completion, values, expected in zip(lean, lean_logps, plain_logps, strict=True):
+        assert completion.count(_Tokenizer.eos_token_id) <= 1
+        assert len(completion) == 12 or completion[-1] == _Tokenizer.eos_token_id
+        assert torch.allclose(torch.tensor(values), torch.tensor(expected), atol=1e-4)
