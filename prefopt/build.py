@@ -286,6 +286,7 @@ def _layout(loss_fn: losses.BoundLoss, settings: TrainerSettings):
         for name, value, default in (
             ("steps_per_generation", sampling.steps_per_generation, 1),
             ("mask_truncated_completions", sampling.mask_truncated_completions, False),
+            ("early_stopping", sampling.early_stopping, False),
         ):
             if value != default:
                 raise ConfigError(

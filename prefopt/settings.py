@@ -147,6 +147,8 @@ class SamplingSettings(_FromMapping):
     dynamic_sampling: bool = False  # DAPO: replace prompts whose rewards all tie by newly sampled ones
     dynamic_sampling_rounds: int = 3  # extra sampling rounds at most
     kl_reward_coef: float = 0.0  # subtract coef * sampled sequence KL to the reference from each reward
+    early_stopping: bool = False  # end a draw's remaining steps once a step's policy/approxkl > 1.5 * target_kl
+    target_kl: float = 1.0
 
     def validate(self) -> None:
         _one_of(self.GROUP, "scale_rewards", self.scale_rewards, ("group", "batch", "none"))
@@ -162,6 +164,13 @@ class SamplingSettings(_FromMapping):
             )
         if self.num_iterations < 1:
             raise ConfigError(f"trainer.online.num_iterations must be >= 1, got {self.num_iterations}")
+        if not self.target_kl > 0:
+            raise ConfigError(f"trainer.online.target_kl must be > 0, got {self.target_kl}")
+        if self.early_stopping and self.num_iterations * self.steps_per_generation == 1:
+            raise ConfigError(
+                "trainer.online.early_stopping=true ends the later steps of a draw, and each draw serves one step: "
+                "set num_iterations or steps_per_generation > 1"
+            )
         if self.samples_per_prompt < 2:
             raise ConfigError(
                 f"trainer.online.samples_per_prompt must be >= 2 to rank samples, got {self.samples_per_prompt}"

@@ -145,7 +145,7 @@ class OnlineSource:
         self.order = Order(len(prompts), seed)
         self.accumulation = batch_size // (micro_batch_size * world)
         self.iterations = settings.num_iterations
-        self.held: tuple[int, list[Draw]] | None = None  # (generation index, its slices), reused over its steps
+        self.held: tuple[int, list[Draw]] | None = None  # (the step its draw began, its slices), over its steps
 
     # ------------------------------------------------------------------------------------------------ sampling
     def generate(self, model, prompts: list[dict], k: int, seed: Any) -> dict:
@@ -242,16 +242,31 @@ class OnlineSource:
     def draw(self, policy, step: int) -> Draw:
         """This process's micro-batches for ``step``. Samples are drawn every ``steps_per_generation ×
         num_iterations`` steps, for ``steps_per_generation`` slices of ``batch_size`` prompts; the steps in between
-        take the held slices in TRL's order (each iteration over every slice). The held draw is checkpointed too,
-        so a run resumed inside a generation trains on the same samples."""
+        take the held slices in TRL's order (each iteration over every slice); ``early_stopping`` ends a draw
+        early (:meth:`on_metrics`), the next step then draws anew. The held draw is checkpointed too, so a run
+        resumed inside a generation trains on the same samples."""
         slices, cycle = self.sampling.steps_per_generation, self.sampling.steps_per_generation * self.iterations
-        index = step // cycle
-        if self.held is None or self.held[0] != index:
+        if self.held is None or not self.held[0] <= step < self.held[0] + cycle:
             draws = self._new_draws(policy, step)
-            self.held = (index, draws) if cycle > 1 else None
+            self.held = (step, draws) if cycle > 1 else None
             if cycle == 1:
                 return draws[0]
-        return self.held[1][(step % cycle) % slices]
+        return self.held[1][((step - self.held[0]) % cycle) % slices]
+
+    def on_metrics(self, step: int, line: dict[str, float]) -> None:
+        """After optimizer step ``step`` (1-based) with its metrics (the same on every process): with
+        ``early_stopping``, a ``policy/approxkl`` above 1.5 × ``target_kl`` ends the held draw, as TRL's PPO ends
+        its epochs over a batch (``online/early_stopped`` = 1 on that step's line)."""
+        sampling = self.sampling
+        if (
+            not sampling.early_stopping
+            or self.held is None
+            or step >= self.held[0] + self.iterations * (sampling.steps_per_generation)
+        ):
+            return
+        if line.get("policy/approxkl", 0.0) > 1.5 * sampling.target_kl:
+            self.held = None
+            line["online/early_stopped"] = 1.0
 
     def _agree(self, flag: bool) -> bool:
         """True on every process if it is True on any (they must take the same branch)."""
@@ -447,9 +462,9 @@ class OnlineSource:
         """This process's held draw (between iterations over one draw of samples), for the checkpoint."""
         if self.held is None:
             return None
-        index, draws = self.held
+        start, draws = self.held
         return {
-            "index": index,
+            "start": start,
             "draws": [
                 {"micro_batches": d.micro_batches, "metrics": d.metrics, "table": d.table, "inputs": d.inputs}
                 for d in draws
@@ -457,11 +472,12 @@ class OnlineSource:
         }
 
     def load_process_state(self, state: dict[str, Any] | None) -> None:
+        cycle = self.sampling.steps_per_generation * self.iterations
         self.held = (
             None
             if state is None
             else (
-                int(state["index"]),
+                int(state["start"]) if "start" in state else int(state["index"]) * cycle,  # "index": before early stops
                 [
                     Draw(d["micro_batches"], d["metrics"], d["table"], d.get("inputs", {}))
                     for d in state.get("draws") or [state]  # a checkpoint written before slices: one draw

@@ -156,6 +156,16 @@ class TokenLayout(GroupLayout):
                 out[key] = old
         return out
 
+    @staticmethod
+    def metrics(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``policy/approxkl`` when the rows were sampled by an older policy (``old_token_logps``): 0.5 · the masked
+        mean of (log π − log π_old)² over tokens (TRL's PPO approxkl; what ``trainer.online.early_stopping`` reads)."""
+        if "old_token_logps" not in inputs:
+            return {}
+        mask = inputs["completion_mask"]
+        log_ratio = (inputs["policy_token_logps"].detach() - inputs["old_token_logps"]) * mask
+        return {"policy/approxkl": 0.5 * log_ratio.square().sum() / mask.sum().clamp(min=1)}
+
 
 def right_aligned(vectors: Sequence[Sequence[float]], mask: Tensor) -> Tensor:
     """``[N, T]`` (``mask``'s shape, rows left-aligned): row i's vector placed so that its last value lands on row
@@ -262,7 +272,11 @@ class Step:
             supplied = provider.inputs(micro, Own(own, logps[start:end], batch.lengths[start:end]))
             inputs.update({k: v for k, v in supplied.items() if k in self.accepted})
             start = end
-        return StepOutput(self.loss_fn(**inputs), tokens)
+        out = self.loss_fn(**inputs)
+        if hasattr(self.layout, "metrics"):  # the layout's own statistics of its inputs, where the loss has not
+            for key, value in self.layout.metrics(inputs).items():
+                out.metrics.setdefault(key, value)
+        return StepOutput(out, tokens)
 
 
 class NonFiniteTraining(RuntimeError):

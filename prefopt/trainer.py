@@ -83,8 +83,9 @@ def loop(run: Run, started: float) -> dict[str, Any]:
                 accelerator.num_processes,
             )
             line["perf/peak_memory_mib"] = peak_memory_mib(accelerator.device)
-            for provider in run.providers:
-                provider.on_metrics(step, line)
+            for observer in (*run.providers, source):  # e.g. the adaptive KL coefficient, early stopping
+                if hasattr(observer, "on_metrics"):
+                    observer.on_metrics(step, line)
         elif problem is None:
             log.warning("step %d skipped: %s", step, empty)
             line = {"skipped": 1, **reduce_mean(accelerator, draw.metrics)}

@@ -49,6 +49,54 @@ def test_slices_are_different_prompts_and_later_slices_get_old_log_probs(tmp_pat
     assert run_.source.draw(policy, 2) is not first  # step 2 starts the next generation
 
 
+def test_early_stopping_ends_a_draw_once_the_policy_has_moved_and_resumes_after_it(tmp_path, cache_dir):  # noqa: F811
+    """num_iterations=3: each draw serves 3 steps. The first step on a draw trains on its own samples (approx KL to
+    the sampling policy ~0); after it the policy has moved, so with a tiny target_kl the second step's approx KL is
+    past 1.5 × target: that step still trains (as TRL's PPO finishes its minibatch) and the third draws anew, so
+    draws begin at steps 1, 3, 5. A huge target never stops (draws at 1, 4). Runs resumed from the checkpoint of an
+    early-stopped step and from inside the draw after it continue with the same losses."""
+    common = ["loss=ppo", "reward=length", "trainer.max_steps=5", "trainer.online.num_iterations=3"]
+    common += ["trainer.lr=5e-3", "trainer.save_every=1", "trainer.online.table_every=0"]
+    common += ["trainer.online.early_stopping=true"]
+
+    def draws_and_lines(name, *extra):
+        logged = [x for x in lines(run(tmp_path, cache_dir, *common, *extra, name=name)) if "loss" in x]
+        rewards = [x["online/reward/mean"] for x in logged]
+        return [i + 1 for i in range(len(rewards)) if i == 0 or rewards[i] != rewards[i - 1]], logged
+
+    starts, logged = draws_and_lines("tiny", "trainer.online.target_kl=1e-9")
+    assert starts == [1, 3, 5]
+    assert [x.get("online/early_stopped", 0.0) for x in logged] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert logged[0]["policy/approxkl"] < 1e-9 < logged[1]["policy/approxkl"]
+    starts, _ = draws_and_lines("huge", "trainer.online.target_kl=1e9")
+    assert starts == [1, 4]
+    for at in (2, 3):  # after the early stop (a new draw next), inside the draw that began after it
+        resumed = run(
+            tmp_path,
+            cache_dir,
+            *common,
+            "trainer.online.target_kl=1e-9",
+            f"trainer.resume={tmp_path}/tiny/checkpoints/step-{at}",
+            name=f"resumed-{at}",
+        )
+        again = [x for x in lines(resumed) if "loss" in x]
+        assert [(x["step"], x["loss"]) for x in again] == [(x["step"], x["loss"]) for x in logged[at:]]
+
+
+def test_token_layout_reports_the_approx_kl_to_the_sampling_policy():
+    """0.5 · mean over real tokens of (log π − log π_old)²: rows with log-ratios (0.2, −0.4) and (0.6, pad)."""
+    from prefopt.step import TokenLayout
+
+    inputs = {
+        "policy_token_logps": torch.tensor([[-1.0, -2.0], [-0.5, -9.0]]),
+        "old_token_logps": torch.tensor([[-1.2, -1.6], [-1.1, 0.0]]),
+        "completion_mask": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+    }
+    expected = 0.5 * (0.2**2 + 0.4**2 + 0.6**2) / 3
+    assert TokenLayout.metrics(inputs)["policy/approxkl"].item() == pytest.approx(expected)
+    assert TokenLayout.metrics({k: v for k, v in inputs.items() if k != "old_token_logps"}) == {}
+
+
 def _settings(**values) -> SimpleNamespace:
     return SimpleNamespace(sampling=SamplingSettings.from_mapping(values))
 
@@ -118,6 +166,9 @@ def test_dynamic_sampling_replaces_tied_groups(tmp_path, cache_dir):  # noqa: F8
         (["loss=dpo", "trainer.online.dynamic_sampling=true"], "dynamic_sampling is for group and token losses"),
         (["loss=grpo", "trainer.online.overlong_buffer=99"], "overlong_buffer=99 must be <= max_new_tokens"),
         (["loss=grpo", "trainer.online.steps_per_generation=0"], "steps_per_generation must be >= 1"),
+        (["loss=grpo", "trainer.online.early_stopping=true"], "early_stopping=true ends the later steps of a draw"),
+        (["loss=rloo", "trainer.online.early_stopping=true", "trainer.online.num_iterations=2"], "needs a token loss"),
+        (["loss=ppo", "trainer.online.target_kl=0"], "target_kl must be > 0"),
     ],
 )
 def test_option_errors_are_one_line(tmp_path, cache_dir, overrides, message):  # noqa: F811
