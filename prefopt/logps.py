@@ -199,9 +199,10 @@ def _shared_prompts(model, input_ids: Tensor, attention_mask: Tensor, completion
     (its first completion column), ``ends``: its length; ``prompt_rows``: one row holding each distinct prompt.
     Needs right padding, a completion right after the prompt (up to the row's end), a non-empty prompt, a cache
     made of full-attention layers and no gradient checkpointing in a backward (it drops the cache)."""
-    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    inner = getattr(model, "module", model)  # DDP: the wrapped model (its forwards still go through the wrapper)
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers before is_activation_checkpointing
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
     if torch.is_grad_enabled() and checkpointing:
         return None
     n, width = input_ids.shape
@@ -225,7 +226,7 @@ def _shared_prompts(model, input_ids: Tensor, attention_mask: Tensor, completion
     # the whole rows' buckets
     prompt_cost = len(prompt_rows) * max(start_list[row] for row in prompt_rows) + overhead
     shared_cost = prompt_cost + _buckets_cost((ends - starts).tolist(), overhead)
-    if shared_cost >= _buckets_cost(ends.tolist(), overhead) or not _full_attention_cache(model):
+    if shared_cost >= _buckets_cost(ends.tolist(), overhead) or not _full_attention_cache(inner):
         return None
     device = input_ids.device
     return torch.tensor(prompt_of, device=device), starts, ends, torch.tensor(prompt_rows, device=device)
@@ -258,11 +259,13 @@ def _shared_prompt_forwards(backbone, plain: bool, input_ids: Tensor, shared, ov
     from transformers import DynamicCache
 
     prompt_of, starts, ends, prompt_rows = shared
-    device, name = input_ids.device, cache_argument(backbone)
+    inner = getattr(backbone, "module", backbone)  # DDP: called through the wrapper, read through it
+    config = inner.config
+    device, name = input_ids.device, cache_argument(inner)
     prompt_lengths = starts[prompt_rows]
     width = int(prompt_lengths.max())
     prompt_mask = (torch.arange(width, device=device) < prompt_lengths[:, None]).long()
-    cache = DynamicCache(config=backbone.config)
+    cache = DynamicCache(config=config)
     out = backbone(input_ids=input_ids[prompt_rows, :width], attention_mask=prompt_mask, **{name: cache})
     prompt_hidden = out.last_hidden_state if plain else out.logits  # [P, width, ·]
     first = prompt_hidden[prompt_of, starts - 1]  # each row's last prompt state: predicts its first completion token
@@ -276,7 +279,7 @@ def _shared_prompt_forwards(backbone, plain: bool, input_ids: Tensor, shared, ov
         inside = steps < (ends - starts)[index, None]  # [n, span] real completion tokens
         columns = (starts[index, None] + steps).clamp(max=input_ids.shape[1] - 1)
         ids = input_ids[index[:, None], columns]
-        continued = DynamicCache(config=backbone.config)
+        continued = DynamicCache(config=config)
         for layer, (keys, values) in enumerate(prompt_states):
             continued.update(keys[prompt_of[index]], values[prompt_of[index]], layer)
         out = backbone(

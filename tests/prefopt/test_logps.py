@@ -313,3 +313,27 @@ def test_shared_prompts_fall_back_where_the_cache_cannot_carry_them():
         assert sum(rows * width for rows, width in calls) == int(batch[1].sum())  # whole rows, none run twice
         with torch.no_grad():
             torch.testing.assert_close(got.detach(), _naive(model, *batch), rtol=1e-5, atol=1e-4)
+
+
+def test_shared_prompts_through_a_ddp_wrapper_match_one_process(tmp_path):
+    """Two processes (torchrun, gloo DDP) with shared prompts forced on (a per-forward overhead of 1 token): the prompt
+    and completion forwards both go through the DDP wrapper before one backward, and the losses and gradient norms
+    (the all-reduced gradients) equal one process's."""
+    from prefopt.logps import _shared_prompts
+
+    from .test_cli import one_and_two_processes
+    from .test_trainer import TINY
+
+    class Wrapper(torch.nn.Module):  # what the check sees of DDP: the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert _shared_prompts(Wrapper(_model()), *_shared_batch(), overhead=0) is not None
+    common = [*TINY, "trainer.max_steps=4", "trainer.lr=0.01", f"cache_dir={tmp_path}/c", "trainer.micro_batch_size=4"]
+    common += ["trainer.bucket_overhead_tokens=1", "model.sft.steps=0"]
+    one, two, _ = one_and_two_processes(tmp_path, *common)
+    pick = lambda lines: [(x["loss"], x["grad_norm"]) for x in lines if "grad_norm" in x]  # noqa: E731
+    assert len(pick(one)) == 4
+    for (loss_1, norm_1), (loss_2, norm_2) in zip(pick(one), pick(two), strict=True):
+        assert loss_2 == pytest.approx(loss_1, abs=1e-5) and norm_2 == pytest.approx(norm_1, rel=1e-4)
