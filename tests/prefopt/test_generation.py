@@ -91,6 +91,13 @@ def test_lean_step_gives_the_forwards_logits(family):
     assert _teacher_forced(model, k=2, steps=6) < 1e-4
 
 
+def test_lean_step_in_bf16_is_the_forward_up_to_rounding():
+    """bf16 weights and cache: the module norms and the eager attention's fp32 softmax, so the logits (of scale ~5)
+    differ from the full forward's by bf16 rounding only (an error such as a missing rotation gives O(1))."""
+    model = _model("llama").to(torch.bfloat16)
+    assert _teacher_forced(model, k=2, steps=6) < 0.2
+
+
 def test_lean_step_with_lora_rows_leaving_and_attention_bias():
     from peft import LoraConfig, get_peft_model
 
