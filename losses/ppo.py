@@ -47,7 +47,9 @@ The adaptive KL coefficient of Ziegler et al. 2019 (§2.2) is a trainer's state,
 ``kl_target`` set, the trainer starts at ``β`` and after every step multiplies it by
 ``1 + clip(KL/kl_target − 1, −0.2, 0.2) · n/kl_horizon`` (KL: the step's sampled sequence KL to the reference, n: the
 step's sampled completions) and passes it as the input ``kl_coef``; the loss only uses it. ALaRM's setting:
-β = 0.2, target 6, horizon 10000. Not here: early stopping of the epochs over one draw on policy KL.
+β = 0.2, target 6, horizon 10000. Early stopping of the steps over one draw on policy KL is the trainer's too
+(``trainer.online.early_stopping``, ``target_kl``: a step whose ``policy/approxkl`` passes 1.5 × ``target_kl`` ends
+its draw, as TRL's PPO).
 """
 
 from __future__ import annotations
