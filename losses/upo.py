@@ -234,12 +234,7 @@ def upo_loss(
     if aux_rewards_chosen.dim() == 2:
         components = torch.cat([aux_rewards_chosen, aux_rewards_rejected]).to(dtype).mean(dim=0)
         metrics.update({f"aux/{k}/mean": value for k, value in enumerate(components)})
-    metrics["aux/advantage_mean"] = advantages.mean()
-    metrics["aux/advantage_std"] = advantages.std(unbiased=False)
-    metrics["aux/weight_mean"] = weights.mean()
-    metrics["aux/weight_max"] = weights.max()
-    metrics["aux/weight_ess"] = weights.sum() ** 2 / (weights**2).sum()
-    metrics["aux/frac_clipped"] = clipped.to(dtype).mean()
+    metrics.update(_weight_metrics(advantages, weights, clipped, dtype))
     return LossOutput(per_example.mean(), per_example, metrics)
 
 
@@ -301,10 +296,18 @@ def _upo_unpaired(
             metrics[f"aux/reward_{side}_mean"] = rewards[rows].mean()
     if aux_rewards.dim() == 2:
         metrics.update({f"aux/{k}/mean": value for k, value in enumerate(aux_rewards.to(dtype).mean(dim=0))})
-    metrics["aux/advantage_mean"] = advantages.mean()
-    metrics["aux/advantage_std"] = advantages.std(unbiased=False)
-    metrics["aux/weight_mean"] = weights.mean()
-    metrics["aux/weight_max"] = weights.max()
-    metrics["aux/weight_ess"] = weights.sum() ** 2 / (weights**2).sum()
-    metrics["aux/frac_clipped"] = clipped.to(dtype).mean()
+    metrics.update(_weight_metrics(advantages, weights, clipped, dtype))
     return LossOutput(per_example.mean(), per_example, metrics)
+
+
+def _weight_metrics(advantages: Tensor, weights: Tensor, clipped: Tensor, dtype) -> dict[str, Tensor]:
+    """The advantage weights' statistics, paired and unpaired alike: advantage mean / std, weight mean / max, the
+    weights' effective sample size (Σw)²/Σw² and the fraction clipped."""
+    return {
+        "aux/advantage_mean": advantages.mean(),
+        "aux/advantage_std": advantages.std(unbiased=False),
+        "aux/weight_mean": weights.mean(),
+        "aux/weight_max": weights.max(),
+        "aux/weight_ess": weights.sum() ** 2 / (weights**2).sum(),
+        "aux/frac_clipped": clipped.to(dtype).mean(),
+    }

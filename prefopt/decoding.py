@@ -10,8 +10,8 @@ projections are plain ``nn.Linear`` without hooks — q/k/v and gate/up fused in
 concatenated once per generation, so they are the current policy's), packed for MKL's GEMM on CPU (the same products,
 faster at a decoding batch's few rows). LoRA layers, the embedding, the rotary embedding and any module with hooks
 are called as the model's forward calls them; the fp32 RMSNorms of these families are torch's ``rms_norm`` (the same
-function). The logits equal the forward's (tested against it, teacher-forced, for every family here, with LoRA, with
-rows leaving the batch).
+function). The logits match the forward's up to float rounding (tested against it, teacher-forced, within 1e-4 in
+fp32, for every family here, with LoRA, with rows leaving the batch).
 
 :func:`lean_decoder` says whether a model is one this reproduces; anything else (other architectures, sliding
 windows shorter than the generation, sharded or partitioned parameters) decodes through ``model(...)``.

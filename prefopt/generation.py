@@ -4,11 +4,12 @@ Used for MPO's regularisation samples (from the reference, before training), the
 the current policy, every step) and reward selection (from the reference).
 
 :func:`sample_groups` is the online trainer's sampler: k completions per prompt from one prompt forward per
-distinct prompt (its KV cache repeated k times), then one token per step for every row: by the lean decoding step of
-:mod:`prefopt.decoding` for the Llama family (the same logits as the model's forward), else by ``model(...)`` with a
-preallocated KV cache (no concatenation per token); rows that have finished leave the batch once they are many, the
-next token is drawn by inverting the CDF at one uniform per row, and the sampling policy's log-probs of the sampled
-tokens are read off the decoding logits (no second forward). :func:`sample_completions` is ``model.generate``.
+distinct prompt (its KV cache repeated k times), then one token per step for every row: by the lean decoding step
+of :mod:`prefopt.decoding` for the Llama family (the model's forward's logits up to float rounding), else by
+``model(...)`` with a preallocated KV cache (no concatenation per token); rows that have finished leave the batch
+once they are many, the next token is drawn by inverting the CDF at one uniform per row, and the sampling policy's
+log-probs of the sampled tokens are read off the decoding logits (no second forward).
+:func:`sample_completions` is ``model.generate``.
 """
 
 from __future__ import annotations

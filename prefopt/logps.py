@@ -156,16 +156,17 @@ def _completion_logps(
     groups: list[list[int] | None] = [None]  # None: the whole padded batch
     states, targets, rows, places = [], [], [], []
     if buckets is not False and n_rows > 1 and not sharded:  # sharded: every process runs the same forwards
-        overhead = bucket_overhead(input_ids.device) if buckets is True else int(buckets)
-        shared = _shared_prompts(model, input_ids, attention_mask, completion_mask, overhead)
         lengths = attention_mask.sum(dim=1)
         columns = torch.arange(input_ids.shape[1], device=lengths.device)
-        if shared is not None:  # rows sharing a prompt: it runs once, the completions continue from its cache
-            groups = []
-            states, targets, rows, places = _shared_prompt_forwards(backbone, plain, input_ids, shared, overhead)
-        elif bool((attention_mask.bool() == (columns < lengths[:, None])).all()):  # cutting columns: right padding
+        if bool((attention_mask.bool() == (columns < lengths[:, None])).all()):  # cutting columns: right padding
+            overhead = bucket_overhead(input_ids.device) if buckets is True else int(buckets)
             lengths = lengths.tolist()
             groups = plan_buckets(lengths, overhead)
+            whole_cost = _cost(groups, lengths, overhead)
+            shared = _shared_prompts(model, input_ids, completion_mask, lengths, overhead, whole_cost)
+            if shared is not None:  # rows sharing a prompt: it runs once, the completions continue from its cache
+                groups = []
+                states, targets, rows, places = _shared_prompt_forwards(backbone, plain, input_ids, shared, overhead)
     for group in groups:
         if group is None:
             ids, attention, completion, index = input_ids, attention_mask, completion_mask, None
@@ -192,27 +193,26 @@ def _completion_logps(
     return selective_log_softmax(_cat(states), _cat(targets), head, chunk_size), _cat(rows), _cat(places), None
 
 
-def _shared_prompts(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, overhead: int):
-    """``(prompt_of_row [N], starts [N], ends [N], prompt_rows [P])`` when rows share prompts and running each
-    distinct prompt once, then the completions in length buckets, computes fewer tokens (padding included, plus
-    ``overhead`` per forward) than the rows' own length buckets, else None. ``starts``: each row's prompt length
-    (its first completion column), ``ends``: its length; ``prompt_rows``: one row holding each distinct prompt.
-    Needs right padding, a completion right after the prompt (up to the row's end), a non-empty prompt, a cache
-    made of full-attention layers and no gradient checkpointing in a backward (it drops the cache)."""
+def _shared_prompts(
+    model, input_ids: Tensor, completion_mask: Tensor, lengths: list[int], overhead: int, whole_cost: int
+):
+    """``(prompt_of_row [N], starts [N], ends [N], prompt_rows [P])`` when rows (right-padded, of ``lengths``)
+    share prompts and running each distinct prompt once, then the completions in length buckets, computes fewer
+    tokens (padding included, plus ``overhead`` per forward) than the rows' own buckets (``whole_cost``), else None.
+    ``starts``: each row's prompt length (its first completion column), ``ends``: its length; ``prompt_rows``: one
+    row holding each distinct prompt. Needs a completion right after the prompt (up to the row's end), a non-empty
+    prompt, a cache made of full-attention layers and no gradient checkpointing in a backward (it drops the cache)."""
     inner = getattr(model, "module", model)  # DDP: the wrapped model (its forwards still go through the wrapper)
     checkpointing = getattr(inner, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers before is_activation_checkpointing
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
     if torch.is_grad_enabled() and checkpointing:
         return None
-    n, width = input_ids.shape
-    columns = torch.arange(width, device=input_ids.device)
-    ends = attention_mask.sum(dim=1)
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    ends = torch.tensor(lengths, device=input_ids.device)
     starts = completion_mask.int().argmax(dim=1)
     expected = (columns >= starts[:, None]) & (columns < ends[:, None])
-    if not bool((attention_mask.bool() == (columns < ends[:, None])).all()) or not bool(
-        (completion_mask.bool() == expected).all() and (starts > 0).all() and (ends > starts).all()
-    ):
+    if not bool((completion_mask.bool() == expected).all() and (starts > 0).all() and (ends > starts).all()):
         return None
     ids, start_list = input_ids.cpu().numpy(), starts.tolist()
     distinct: dict[bytes, int] = {}
@@ -222,19 +222,19 @@ def _shared_prompts(model, input_ids: Tensor, attention_mask: Tensor, completion
         if index == len(prompt_rows):
             prompt_rows.append(row)
         prompt_of.append(index)
-    # padded tokens computed, plus the overhead per forward: the prompts once then the completions' buckets, against
-    # the whole rows' buckets
+    # the prompts once (padded to the longest, one forward), then the completions' own buckets
+    completion_lengths = [end - start for end, start in zip(lengths, start_list, strict=True)]
     prompt_cost = len(prompt_rows) * max(start_list[row] for row in prompt_rows) + overhead
-    shared_cost = prompt_cost + _buckets_cost((ends - starts).tolist(), overhead)
-    if shared_cost >= _buckets_cost(ends.tolist(), overhead) or not _full_attention_cache(inner):
+    if prompt_cost + _cost(plan_buckets(completion_lengths, overhead), completion_lengths, overhead) >= whole_cost:
+        return None
+    if not _full_attention_cache(inner):
         return None
     device = input_ids.device
     return torch.tensor(prompt_of, device=device), starts, ends, torch.tensor(prompt_rows, device=device)
 
 
-def _buckets_cost(lengths: list[int], overhead: int) -> int:
-    """Padded tokens plus ``overhead`` per forward of :func:`plan_buckets`' partition of ``lengths``."""
-    groups = plan_buckets(lengths, overhead)
+def _cost(groups: list[list[int]], lengths: list[int], overhead: int) -> int:
+    """Padded tokens plus ``overhead`` per forward of running ``lengths`` as ``groups`` (:func:`plan_buckets`)."""
     return sum(len(group) * max(lengths[i] for i in group) + overhead for group in groups)
 
 

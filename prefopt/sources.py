@@ -144,7 +144,7 @@ class OnlineSource:
         self.k = settings.samples_per_prompt
         self.order = Order(len(prompts), seed)
         self.accumulation = batch_size // (micro_batch_size * world)
-        self.iterations = settings.num_iterations
+        self.cycle = settings.steps_per_generation * settings.num_iterations  # optimizer steps per draw
         self.held: tuple[int, list[Draw]] | None = None  # (the step its draw began, its slices), over its steps
 
     # ------------------------------------------------------------------------------------------------ sampling
@@ -245,7 +245,7 @@ class OnlineSource:
         take the held slices in TRL's order (each iteration over every slice); ``early_stopping`` ends a draw
         early (:meth:`on_metrics`), the next step then draws anew. The held draw is checkpointed too, so a run
         resumed inside a generation trains on the same samples."""
-        slices, cycle = self.sampling.steps_per_generation, self.sampling.steps_per_generation * self.iterations
+        slices, cycle = self.sampling.steps_per_generation, self.cycle
         if self.held is None or not self.held[0] <= step < self.held[0] + cycle:
             draws = self._new_draws(policy, step)
             self.held = (step, draws) if cycle > 1 else None
@@ -258,12 +258,8 @@ class OnlineSource:
         ``early_stopping``, a ``policy/approxkl`` above 1.5 × ``target_kl`` ends the held draw, as TRL's PPO ends
         its epochs over a batch (``online/early_stopped`` = 1 on that step's line)."""
         sampling = self.sampling
-        if (
-            not sampling.early_stopping
-            or self.held is None
-            or step >= self.held[0] + self.iterations * (sampling.steps_per_generation)
-        ):
-            return
+        if not sampling.early_stopping or self.held is None or step >= self.held[0] + self.cycle:
+            return  # nothing held, or the held draw is over anyway
         if line.get("policy/approxkl", 0.0) > 1.5 * sampling.target_kl:
             self.held = None
             line["online/early_stopped"] = 1.0
@@ -283,7 +279,7 @@ class OnlineSource:
         indices = self.order.take(needed)[self.rank :: self.world]
         prompts = [self.prompts[i] for i in indices]
         # later steps of a generation divide by the sampler's values
-        old_logps = self.kind == "token" and self.sampling.steps_per_generation * self.iterations > 1
+        old_logps = self.kind == "token" and self.cycle > 1
         seed = f"{self.seed}/online/{step}/{self.rank}" + (f"/{round_}" if round_ else "")
         sampled = self.sample(policy, prompts, self.k, seed=seed, per_token=old_logps)
         sampled["rewards"] = self._shaped(sampled)
@@ -472,12 +468,12 @@ class OnlineSource:
         }
 
     def load_process_state(self, state: dict[str, Any] | None) -> None:
-        cycle = self.sampling.steps_per_generation * self.iterations
         self.held = (
             None
             if state is None
             else (
-                int(state["start"]) if "start" in state else int(state["index"]) * cycle,  # "index": before early stops
+                # "index" (checkpoints before early stopping): the draw's number, each of cycle steps
+                int(state["start"]) if "start" in state else int(state["index"]) * self.cycle,
                 [
                     Draw(d["micro_batches"], d["metrics"], d["table"], d.get("inputs", {}))
                     for d in state.get("draws") or [state]  # a checkpoint written before slices: one draw

@@ -67,23 +67,27 @@ def tokenize_pairs(
         ids = _assemble(prompt, chosen, rejected, specials, max_length, max_prompt_length)
         if ids is not None:
             kept.append({**example, **ids})
+    return kept, _stats("pairs", len(examples), kept, max_length, max_prompt_length)
+
+
+def _stats(
+    unit: str, total: int, kept: list[dict], max_length: int, max_prompt_length: int, label: str | None = None
+) -> dict[str, int]:
+    """What tokenizing ``total`` rows (``unit``: pairs or rows, the count's key) kept, dropped and truncated; one
+    warning on the ``prefopt.data`` logger (naming them ``label``, default ``unit``) when any was dropped or
+    truncated."""
     stats = {
-        "pairs": len(examples),
+        unit: total,
         "kept": len(kept),
-        "dropped_empty_completion": len(examples) - len(kept),
-        "truncated": sum(pair["truncated"] for pair in kept),
+        "dropped_empty_completion": total - len(kept),
+        "truncated": sum(row["truncated"] for row in kept),
     }
     if stats["dropped_empty_completion"] or stats["truncated"]:
         logger.warning(
-            "tokenized %d pairs: dropped %d with an empty completion, truncated %d "
-            "(max_length=%d, max_prompt_length=%d)",
-            stats["pairs"],
-            stats["dropped_empty_completion"],
-            stats["truncated"],
-            max_length,
-            max_prompt_length,
-        )
-    return kept, stats
+            "tokenized %d %s: dropped %d with an empty completion, truncated %d (max_length=%d, max_prompt_length=%d)",
+            total, label or unit, stats["dropped_empty_completion"], stats["truncated"], max_length, max_prompt_length,
+        )  # fmt: skip
+    return stats
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:

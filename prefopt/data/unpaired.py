@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import DataError, row_error
 from .formats import _check_completion, _kind, _messages, _render, _Row, _short
-from .tokenize import _check_lengths, _encode, _keep_end, _specials
+from .tokenize import _check_lengths, _encode, _keep_end, _specials, _stats
 
 __all__ = ["FIELDS", "is_unpaired", "to_unpaired", "unpair", "tokenize_unpaired", "example_kind", "check_labels"]
 
@@ -147,19 +147,7 @@ def tokenize_unpaired(
         budget = max_length - len(cut)
         truncated = len(cut) < len(prompt) or len(completion) > budget
         kept.append({**row, "prompt_ids": cut, "completion_ids": completion[:budget], "truncated": truncated})
-    stats = {
-        "rows": len(rows),
-        "kept": len(kept),
-        "dropped_empty_completion": len(rows) - len(kept),
-        "truncated": sum(row["truncated"] for row in kept),
-    }
-    if stats["dropped_empty_completion"] or stats["truncated"]:
-        logger.warning(
-            "tokenized %d unpaired rows: dropped %d with an empty completion, truncated %d "
-            "(max_length=%d, max_prompt_length=%d)",
-            stats["rows"], stats["dropped_empty_completion"], stats["truncated"], max_length, max_prompt_length,
-        )  # fmt: skip
-    return kept, stats
+    return kept, _stats("rows", len(rows), kept, max_length, max_prompt_length, "unpaired rows")
 
 
 def check_labels(rows: Sequence[dict], source: str) -> None:

@@ -13,19 +13,20 @@ from prefopt.logps import bucket_overhead, plan_buckets, selective_log_softmax, 
 VOCAB = 97
 
 
+SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
 def _model(**config) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **config,
-    )
-    return LlamaForCausalLM(cfg).float()
+    return LlamaForCausalLM(LlamaConfig(**SIZES, **config)).float()
 
 
 def _batch(lengths: list[tuple[int, int]], pad: int = 0, seed: int = 1):
@@ -290,19 +291,7 @@ def test_shared_prompts_fall_back_where_the_cache_cannot_carry_them():
     checkpointed.gradient_checkpointing_enable()
     checkpointed.train()
     torch.manual_seed(0)
-    windowed = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            use_sliding_window=True,
-            sliding_window=4,
-            max_window_layers=0,
-        )
-    )
+    windowed = Qwen2ForCausalLM(Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=4, max_window_layers=0))
     assert windowed.config.layer_types == ["sliding_attention"] * 2
     for model in (checkpointed, windowed):
         calls = []
@@ -329,7 +318,9 @@ def test_shared_prompts_through_a_ddp_wrapper_match_one_process(tmp_path):
             super().__init__()
             self.module = module
 
-    assert _shared_prompts(Wrapper(_model()), *_shared_batch(), overhead=0) is not None
+    ids, attention, completion = _shared_batch()
+    lengths = attention.sum(dim=1).tolist()  # at overhead 0 the rows' own buckets cost their lengths
+    assert _shared_prompts(Wrapper(_model()), ids, completion, lengths, 0, sum(lengths)) is not None
     common = [*TINY, "trainer.max_steps=4", "trainer.lr=0.01", f"cache_dir={tmp_path}/c", "trainer.micro_batch_size=4"]
     common += ["trainer.bucket_overhead_tokens=1", "model.sft.steps=0"]
     one, two, _ = one_and_two_processes(tmp_path, *common)
